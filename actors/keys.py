@@ -6,6 +6,11 @@ Nothing else in the code base spells a key or channel name: everything goes thro
 from __future__ import annotations
 
 
+# Consumer groups on the outbox stream (`Keys.outbox`): each group sees every entry once.
+AUDIT_GROUP = "audit"  # copies events into PostgreSQL (actors/audit.py)
+PUSH_GROUP = "push"  # turns events into FCM notifications (actors/push.py)
+
+
 class Keys:
     """Key and channel names under one deployment prefix (`KAIROS_KEY_PREFIX`)."""
 
