@@ -1,0 +1,107 @@
+"""Per-instance fan-out: one Redis pub/sub connection relays session update messages to watchers.
+
+A watcher is a callable taking the update-message bytes (`kairos.wire.update_message`). The first
+watcher of a session subscribes its channel, the last one to leave unsubscribes it. Callbacks run
+on the reader task and must not block (the web layer only enqueues frames).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import TracebackType
+
+import anyio
+import redis.asyncio as aioredis
+import structlog
+
+from actors.keys import Keys
+
+log = structlog.get_logger("kairos.fanout")
+
+Watcher = Callable[[bytes], None]
+
+
+class FanOut:
+    """`async with FanOut(redis, keys) as fanout:`; then `watch(session_id, fn)` / `unwatch`."""
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._watchers: dict[str, set[Watcher]] = {}
+        self._by_channel: dict[bytes, str] = {}
+        self._pubsub: aioredis.client.PubSub | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._lock = anyio.Lock()  # serialises (un)subscribe commands on the one connection
+        self._ready = anyio.Event()
+
+    async def __aenter__(self) -> FanOut:
+        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._reader)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        assert self._tg is not None and self._pubsub is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            return await self._tg.__aexit__(et, e, tb)
+        finally:
+            await self._pubsub.aclose()
+
+    def watching(self) -> int:
+        """Number of sessions this instance is subscribed to."""
+        return len(self._watchers)
+
+    async def watch(self, session_id: str, watcher: Watcher) -> None:
+        """Relay the session's update messages to `watcher`; subscribes on the first watcher."""
+        watchers = self._watchers.get(session_id)
+        if watchers is not None:
+            watchers.add(watcher)
+            return
+        self._watchers[session_id] = {watcher}
+        channel = self._keys.channel(session_id)
+        self._by_channel[channel.encode()] = session_id
+        async with self._lock:
+            assert self._pubsub is not None
+            if session_id in self._watchers:  # a fast unwatch may have raced us
+                await self._pubsub.subscribe(channel)
+                self._ready.set()
+
+    async def unwatch(self, session_id: str, watcher: Watcher) -> None:
+        """Stop relaying to `watcher`; unsubscribes after the last watcher of the session left."""
+        watchers = self._watchers.get(session_id)
+        if watchers is None:
+            return
+        watchers.discard(watcher)
+        if watchers:
+            return
+        del self._watchers[session_id]
+        channel = self._keys.channel(session_id)
+        async with self._lock:
+            assert self._pubsub is not None
+            if session_id not in self._watchers:
+                self._by_channel.pop(channel.encode(), None)
+                await self._pubsub.unsubscribe(channel)
+
+    async def _reader(self) -> None:
+        assert self._pubsub is not None
+        while True:
+            # redis-py's PubSub refuses to read before the first subscription exists.
+            await self._ready.wait()
+            try:
+                msg = await self._pubsub.get_message(timeout=1.0)
+            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                log.warning("fanout connection lost; resubscribing", error=str(exc))
+                await anyio.sleep(0.2)
+                continue
+            if msg is None or msg.get("type") != "message":
+                continue
+            sid = self._by_channel.get(msg["channel"])
+            for watcher in list(self._watchers.get(sid, ())) if sid else ():
+                try:
+                    watcher(msg["data"])
+                except Exception:  # one bad watcher must not stop the relay for the others
+                    log.exception("fanout watcher failed", session_id=sid)

@@ -1,0 +1,176 @@
+"""The Quart application: builds the services an instance needs and wires routes, WS and errors.
+
+`create_app(settings)` returns the app; its `while_serving` lifespan opens Redis, the actor host,
+the fan-out and (when available) the audit services in one `AsyncExitStack`, so stopping the
+server stops them all, in reverse order.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import uuid
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+import structlog
+from quart import Quart
+from quart_schema import QuartSchema
+
+from actors.fanout import FanOut
+from actors.keys import Keys
+from web import errors as web_errors
+from web import metrics
+from web.auth import Authenticator
+from web.limits import ClientAddress, GeneralLimiter
+from web.settings import Settings
+
+log = structlog.get_logger("kairos.app")
+
+SERVER_VERSION = "kairos-0.1.0"
+
+
+def wall_ms() -> int:
+    """The server clock, epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Services:
+    """Everything a request handler needs, owned by the app's lifespan (filled in at start)."""
+
+    settings: Settings
+    auth: Authenticator
+    limiter: GeneralLimiter
+    addresses: ClientAddress
+    instance_id: str
+    clock: Any = wall_ms
+    host: Any = None  # actors.host.Host
+    fanout: FanOut | None = None
+    audit: Any = None  # actors.audit.AuditServices, when available
+    redis: aioredis.Redis | None = None
+    relays: Any = None  # web.ws.Relays
+    draining: bool = False
+    task_group: anyio.abc.TaskGroup | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def drain(self) -> None:
+        """Stop taking sessions, hand leases off, tell WebSocket clients to reconnect (1012)."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining")
+        if self.host is not None:
+            with anyio.move_on_after(self.settings.drain_timeout_s):
+                await self.host.drain()
+        if self.relays is not None:
+            await self.relays.close_all(1012, "Service restart")
+        log.info("drained")
+
+
+def create_app(settings: Settings) -> Quart:
+    """The Kairos Quart app for these settings (the servers are opened when serving starts)."""
+    from web.routes import register_routes
+    from web.ws import Relays, register_ws
+
+    instance_id = settings.instance_id or f"kairos-{uuid.uuid4().hex[:8]}"
+    svc = Services(
+        settings=settings,
+        auth=Authenticator(settings),
+        limiter=GeneralLimiter(settings.rate_limit_general, time.time),
+        addresses=ClientAddress(settings.trusted_proxies),
+        instance_id=instance_id,
+    )
+    svc.relays = Relays(svc)
+    app = Quart("kairos")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["QUART_SCHEMA_CONVERT_CASING"] = False
+    QuartSchema(
+        app,
+        openapi_path="/api-docs.json",
+        swagger_ui_path="/api-docs",
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        info={"title": "Kairos", "version": SERVER_VERSION,
+              "description": "Timers in sync across devices; SyncKairos v2 compatible."},
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
+        security=[{"bearer": []}],
+    )
+    app.extensions["kairos"] = svc
+    web_errors.install(app)
+    register_routes(app, svc)
+    register_ws(app, svc)
+
+    @app.while_serving
+    async def lifespan() -> Any:
+        async with AsyncExitStack() as stack:
+            await _open_services(svc, stack)
+            # Long-lived objects created at start never need scanning by the cyclic GC again.
+            gc.collect()
+            gc.freeze()
+            log.info("serving", instance_id=svc.instance_id)
+            yield
+            if svc.relays is not None:
+                await svc.relays.close_all(1001, "Server shutting down")
+
+    return app
+
+
+async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
+    s = svc.settings
+    if not s.auth_enabled:
+        log.warning("AUTHENTICATION IS DISABLED (KAIROS_AUTH=disabled): local development only")
+    assert s.redis_url, "serve with a Redis URL (the CLI starts an embedded one)"
+    svc.redis = aioredis.from_url(s.redis_url)
+    stack.push_async_callback(svc.redis.aclose)
+    tg = await stack.enter_async_context(anyio.create_task_group())
+    svc.task_group = tg
+    stack.callback(tg.cancel_scope.cancel)
+    restore = None
+    if s.database_url:
+        svc.audit = await _open_audit(svc, stack)
+        if svc.audit is not None:
+            restore = svc.audit.restore
+    from actors.host import Host
+
+    svc.host = await stack.enter_async_context(
+        Host(
+            svc.redis,
+            key_prefix=s.key_prefix,
+            lease_ttl_ms=s.lease_ttl_ms,
+            instance_id=svc.instance_id,
+            restore=restore,
+            switch_rate_per_s=s.rate_limit_switch,
+            passivate_after_ms=s.passivate_after_ms,
+        )
+    )
+    metrics.track_actors(svc.host.actor_count)
+    svc.fanout = await stack.enter_async_context(FanOut(svc.redis, Keys(s.key_prefix)))
+
+
+async def _open_audit(svc: Services, stack: AsyncExitStack) -> Any:
+    """AuditServices when `actors.audit` exists (it is optional for the web edge)."""
+    s = svc.settings
+    try:
+        from actors.audit import AuditServices
+    except ImportError:
+        log.warning("actors.audit not available: audit history and push disabled")
+        return None
+    if s.migrate_on_start:
+        from actors.migrations import migrate
+
+        applied = await migrate(s.database_url)
+        if applied:
+            log.info("migrated audit database", applied=applied)
+    audit = AuditServices(
+        svc.redis,
+        key_prefix=s.key_prefix,
+        database_url=s.database_url,
+        consumer=svc.instance_id,
+        fcm_credentials=s.fcm_credentials,
+        fcm_endpoint=s.fcm_endpoint,
+    )
+    return await stack.enter_async_context(audit)

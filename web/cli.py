@@ -1,0 +1,169 @@
+"""The `kairos` command: `serve [--workers N]`, `token --sub S`, `drain [--url U]`, `migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import anyio
+import structlog
+
+from web.logging import configure_logging
+from web.settings import Settings
+
+log = structlog.get_logger("kairos.cli")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `kairos` console script."""
+    parser = argparse.ArgumentParser(prog="kairos", description="Kairos timer service")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("serve", help="run the HTTP + WebSocket service")
+    p.add_argument("--workers", type=int, default=None, help="instances (processes) sharing Redis")
+    p.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)  # worker: inherited socket
+    p = sub.add_parser("token", help="mint a JWT with the configured secret (local use)")
+    p.add_argument("--sub", required=True)
+    p.add_argument("--role", default=None)
+    p.add_argument("--ttl", type=int, default=3600)
+    p = sub.add_parser("drain", help="ask an instance to drain (POST /admin/drain)")
+    p.add_argument("--url", default=None, help="instance base URL (default: this host's port)")
+    p.add_argument("--token", default=None, help="admin token (default: mint one locally)")
+    sub.add_parser("migrate", help="apply pending audit database migrations")
+    args = parser.parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
+    if args.cmd == "serve":
+        serve(settings, args.workers or settings.workers, args.fd)
+    elif args.cmd == "token":
+        from web.auth import mint_token
+
+        print(mint_token(settings, args.sub, args.role, args.ttl))
+    elif args.cmd == "drain":
+        raise SystemExit(drain(settings, args.url, args.token))
+    elif args.cmd == "migrate":
+        migrate(settings)
+
+
+def serve(settings: Settings, workers: int, fd: int | None = None) -> None:
+    """Run one instance here, or `workers` instance processes sharing one listening socket."""
+    from web import embedded
+    from web.auth import local_secret
+
+    if settings.auth_enabled and not settings.jwt_public_key:
+        local_secret(settings)  # create the local secret once, before workers race for it
+    with embedded.servers(settings) as resolved:
+        if workers <= 1:
+            run_instance(resolved, fd)
+        else:
+            run_workers(resolved, workers)
+
+
+def run_instance(settings: Settings, fd: int | None = None) -> None:
+    """One instance in this process (uvloop when available)."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_serve(settings, fd))
+
+
+async def _serve(settings: Settings, fd: int | None) -> None:
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+
+    from web import hypercorn_ws
+    from web.app import create_app
+
+    hypercorn_ws.apply()
+    app = create_app(settings)
+    svc = app.extensions["kairos"]
+    configure_logging(settings.log_level, settings.log_format, svc.instance_id)
+    config = Config()
+    config.bind = [f"fd://{fd}"] if fd is not None else [f"{settings.host}:{settings.port}"]
+    config.websocket_ping_interval = settings.ws_heartbeat_s
+    config.websocket_max_message_size = settings.ws_max_frame_bytes
+    config.accesslog = None  # our own access log (which skips health and metrics)
+    config.graceful_timeout = max(1.0, settings.drain_timeout_s)
+    config.keep_alive_timeout = 75
+    stop = anyio.Event()
+
+    async def on_signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if stop.is_set():
+                    return
+                log.info("signal received: draining, then stopping", signal=signum)
+                with anyio.move_on_after(settings.drain_timeout_s + 2):
+                    await svc.drain()
+                stop.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(on_signals)
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        tg.cancel_scope.cancel()
+
+
+def run_workers(settings: Settings, workers: int) -> None:
+    """N instance processes on one inherited listening socket; SIGTERM/SIGINT go to each."""
+    sock = socket.create_server((settings.host, settings.port), reuse_port=False, backlog=1024)
+    sock.set_inheritable(True)
+    env = {**os.environ}
+    env.update({"KAIROS_REDIS_URL": settings.redis_url or "", "KAIROS_DATABASE_URL": settings.database_url or ""})
+    procs: list[subprocess.Popen[bytes]] = []
+    for i in range(workers):
+        wenv = dict(env)
+        if settings.instance_id:
+            wenv["KAIROS_INSTANCE_ID"] = f"{settings.instance_id}-{i}"
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "web.cli", "serve", "--workers", "1", "--fd", str(sock.fileno())],
+            pass_fds=(sock.fileno(),), env=wenv,
+        ))
+    log.info("started workers", workers=workers, pids=[p.pid for p in procs])
+
+    def forward(signum: int, _frame: Any) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.wait()
+    sock.close()
+
+
+def drain(settings: Settings, url: str | None, token: str | None) -> int:
+    """POST /admin/drain to an instance; returns a process exit status."""
+    import httpx
+
+    from web.auth import mint_token
+
+    base = url or f"http://127.0.0.1:{settings.port}"
+    if token is None and settings.auth_enabled and not settings.jwt_public_key:
+        token = mint_token(settings, "kairos-cli", "admin", 300)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    resp = httpx.post(f"{base.rstrip('/')}/admin/drain", headers=headers, timeout=30)
+    print(resp.status_code, resp.text)
+    return 0 if resp.status_code == 202 else 1
+
+
+def migrate(settings: Settings) -> None:
+    """Apply audit migrations (embedded PostgreSQL when KAIROS_DATABASE_URL is unset)."""
+    from actors.migrations import migrate as run_migrations
+    from web import embedded
+
+    with embedded.servers(settings.model_copy(update={"redis_url": settings.redis_url or "unused"})) as s:
+        applied = asyncio.run(run_migrations(s.database_url or ""))
+        print("applied:", ", ".join(applied) if applied else "nothing (up to date)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Prometheus metrics of the web edge (DESIGN.md "Observability"), served at `/metrics`.
+
+Runtime metrics (leases claimed, deadline lateness, audit lag, push results) are registered by
+`actors/` in the same default registry, so `/metrics` shows them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+COMMAND_SECONDS = Histogram(
+    "kairos_command_seconds", "Command latency seen by the web edge", ["command", "path"],
+    buckets=_BUCKETS,
+)
+HTTP_REQUESTS = Counter("kairos_http_requests_total", "HTTP requests", ["method", "route", "status"])
+WS_CONNECTIONS = Gauge("kairos_ws_connections", "Open WebSocket connections")
+WS_MESSAGES = Counter("kairos_ws_messages_total", "WebSocket messages", ["direction", "type"])
+WS_DROPPED = Counter("kairos_ws_dropped_total", "Sockets dropped because their send queue overflowed")
+ACTORS_ACTIVE = Gauge("kairos_actors_active", "Session actors live on this instance")
+
+
+def track_actors(count: Callable[[], int]) -> None:
+    """Report the host's live actor count at scrape time."""
+    ACTORS_ACTIVE.set_function(count)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The Prometheus text exposition and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

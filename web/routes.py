@@ -1,0 +1,360 @@
+"""REST routes of API.md: sessions, time, devices, admin, health, readiness and metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from pydantic import ValidationError as PydanticValidationError
+from quart import Quart, Response, request
+from quart_schema import document_querystring, document_request, document_response, tag
+
+from kairos import commands as C
+from kairos import wire
+from kairos.errors import SessionNotFound
+from web import auth as A
+from web import errors as W
+from web import metrics
+from web import schemas as S
+
+log = structlog.get_logger("kairos.http")
+
+_UUID = re.compile(S.UUID_PATTERN)
+_JSON = "application/json"
+_NO_ACCESS_LOG = frozenset({"/health", "/ready", "/metrics"})
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """Serialise once with the stdlib encoder (compact separators) into a Response."""
+    return Response(json.dumps(body, separators=(",", ":")), status=status, headers=headers,
+                    content_type=_JSON)
+
+
+def session_id_param(raw: str) -> str:
+    """Validate the `{id}` path segment before any lookup; returns it in canonical lower case."""
+    if not _UUID.match(raw):
+        raise W.validation_error([{"field": "id", "message": "must be a UUID", "code": "invalid_uuid"}])
+    return raw.lower()
+
+
+def idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and (len(key) > 128 or not key):
+        raise W.validation_error(
+            [{"field": "Idempotency-Key", "message": "must be 1-128 characters", "code": "too_big"}]
+        )
+    return key
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(data: bytes) -> Any:
+    """Strict JSON (no NaN/Infinity); raises ValueError on anything malformed, however deep."""
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+async def optional_body() -> dict[str, Any]:
+    """Action routes: a missing or non-JSON body counts as `{}`."""
+    data = await request.get_data(cache=False)
+    if not data:
+        return {}
+    try:
+        body = parse_json(data)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+async def required_body() -> Any:
+    data = await request.get_data(cache=False)
+    try:
+        return parse_json(data)
+    except ValueError:
+        raise W.validation_error(
+            [{"field": "body", "message": "malformed JSON", "code": "invalid_json"}]
+        ) from None
+
+
+def register_routes(app: Quart, svc: Any) -> None:
+    """Attach every REST route to `app`; handlers close over the instance's `Services`."""
+    clock = svc.clock
+
+    def caller_and_quota() -> tuple[A.Caller, dict[str, str] | None]:
+        caller = svc.auth.caller(request.headers.get("Authorization"))
+        quota = svc.limiter.hit(caller.sub if svc.auth.enabled else client_address())
+        return caller, (quota.headers() if quota is not None else None)
+
+    def client_address() -> str:
+        return svc.addresses.resolve(request.remote_addr, request.headers.get("X-Forwarded-For"))
+
+    async def ask(sid: str, command: Any, name: str) -> Any:
+        start = time.perf_counter()
+        try:
+            return await svc.host.ask(sid, command)
+        finally:
+            metrics.COMMAND_SECONDS.labels(name, "edge").observe(time.perf_counter() - start)
+
+    async def load(sid: str) -> Any:
+        return await svc.host.get(sid)
+
+    # ---------------- health, readiness, metrics, time ----------------
+
+    @app.get("/health")
+    @tag(["ops"])
+    @document_response(S.StatusOut)
+    async def health() -> Response:
+        """Alive."""
+        return Response('{"status":"ok"}', content_type=_JSON)
+
+    @app.get("/ready")
+    @tag(["ops"])
+    @document_response(S.StatusOut, 200)
+    @document_response(S.StatusOut, 503)
+    async def ready() -> Response:
+        """Ready to serve: Redis (and PostgreSQL) reachable and not draining."""
+        try:
+            if svc.draining or (svc.host is not None and getattr(svc.host, "draining", False)):
+                raise RuntimeError("instance draining")
+            if svc.redis is None:
+                raise RuntimeError("starting")
+            await svc.redis.ping()
+            if svc.audit is not None:
+                await svc.audit.ping()
+        except Exception as exc:  # any failure means "not ready", with the reason
+            return json_response({"status": "not_ready", "error": str(exc) or type(exc).__name__}, 503)
+        return json_response({"status": "ready"})
+
+    @app.get("/metrics")
+    @tag(["ops"])
+    async def metrics_route() -> Response:
+        """Prometheus text exposition."""
+        body, ctype = metrics.exposition()
+        return Response(body, content_type=ctype)
+
+    @app.get("/v1/time")
+    @tag(["time"])
+    @document_response(S.TimeOut)
+    async def server_time() -> Response:
+        """Server clock for sync: four-timestamp fields `server_receive_ms`/`server_send_ms`."""
+        received = clock()
+        quota = svc.limiter.hit(client_address())
+        now = clock()
+        return json_response(
+            {"timestamp_ms": now, "server_version": svc.extra.get("version", "kairos-0.1.0"),
+             "drift_tolerance_ms": 50, "server_receive_ms": received, "server_send_ms": clock()},
+            headers=quota.headers() if quota is not None else None,
+        )
+
+    # ---------------- sessions ----------------
+
+    @app.post("/v1/sessions")
+    @tag(["sessions"])
+    @document_request(S.CreateSession)
+    @document_response(S.SessionEnvelope, 201)
+    @document_response(S.ErrorOut, 409)
+    async def create_session() -> Response:
+        """Create a session; the caller (`sub`) becomes its owner."""
+        caller, headers = caller_and_quota()
+        key = idempotency_key()
+        raw = await required_body()
+        try:
+            body = S.CreateSession.model_validate(raw)
+        except PydanticValidationError as exc:
+            raise W.from_pydantic(exc) from None
+        problems = body.cross_field_errors()
+        if problems:
+            raise W.validation_error(problems)
+        cmd = C.Create(
+            session_id=body.session_id,
+            sync_mode=body.sync_mode,
+            participants=tuple(
+                C.ParticipantSpec(p.participant_id, p.total_time_ms, p.participant_index, p.group_id)
+                for p in body.participants
+            ),
+            owner=caller.sub,
+            total_time_ms=body.total_time_ms,
+            time_per_cycle_ms=body.time_per_cycle_ms,
+            increment_ms=body.increment_ms,
+            max_time_ms=body.max_time_ms,
+            expiry_policy=body.expiry_policy,
+            time_warning_ms=body.time_warning_ms,
+            visibility=body.visibility,
+            metadata=body.metadata,
+            command_id=key,
+        )
+        reply = await ask(body.session_id, cmd, "create")
+        return json_response({"data": wire.session_json(reply.state, reply.now_ms)}, 201, headers)
+
+    @app.get("/v1/sessions/<raw_id>")
+    @tag(["sessions"])
+    @document_response(S.SessionEnvelope)
+    async def get_session(raw_id: str) -> Response:
+        """The session with live times as of `server_time_ms`."""
+        caller, headers = caller_and_quota()
+        sid = session_id_param(raw_id)
+        state = await load(sid)
+        A.require_read(caller, state)
+        return json_response({"data": wire.session_json(state, clock())}, headers=headers)
+
+    def action(name: str, make: Callable[[dict[str, Any], str | None], Any]) -> Callable[[str], Awaitable[Response]]:
+        async def handler(raw_id: str) -> Response:
+            caller, headers = caller_and_quota()
+            sid = session_id_param(raw_id)
+            key = idempotency_key()
+            body = await optional_body()
+            cmd = make(body, key)
+            if not caller.is_admin:
+                A.require_manage(caller, await load(sid))
+            reply = await ask(sid, cmd, name)
+            return json_response({"data": wire.session_json(reply.state, reply.now_ms)}, headers=headers)
+
+        handler.__name__ = f"{name}_session"
+        handler.__doc__ = f"{name.capitalize()} the session (owner or admin)."
+        return handler
+
+    for name, make in (
+        ("start", lambda b, k: C.Start(command_id=k)),
+        ("pause", lambda b, k: C.Pause(command_id=k)),
+        ("resume", lambda b, k: C.Resume(command_id=k)),
+        ("complete", lambda b, k: C.Complete(command_id=k)),
+    ):
+        view = tag(["sessions"])(document_response(S.SessionEnvelope)(action(name, make)))
+        app.add_url_rule(f"/v1/sessions/<raw_id>/{name}", view_func=view, methods=["POST"])
+
+    @app.post("/v1/sessions/<raw_id>/switch")
+    @tag(["sessions"])
+    @document_request(S.SwitchBody)
+    @document_response(S.SwitchEnvelope)
+    @document_response(S.ErrorOut, 409)
+    @document_response(S.ErrorOut, 429)
+    async def switch_session(raw_id: str) -> Response:
+        """End the active turn; owner, admin or the active participant. Body optional."""
+        caller, headers = caller_and_quota()
+        sid = session_id_param(raw_id)
+        key = idempotency_key()
+        try:
+            body = S.SwitchBody.model_validate(await optional_body())
+        except PydanticValidationError as exc:
+            raise W.from_pydantic(exc) from None
+        expected = body.expected_active_participant_id
+        if not caller.is_admin:
+            expected = A.switch_guard(caller, await load(sid), expected)
+        reply = await ask(
+            sid, C.Switch(body.next_participant_id, expected, command_id=key), "switch"
+        )
+        data = wire.switch_result_json(
+            reply.state, reply.now_ms, reply.outcome.get("expired_participant_id")
+        )
+        return json_response({"data": data}, headers=headers)
+
+    @app.delete("/v1/sessions/<raw_id>")
+    @tag(["sessions"])
+    async def delete_session(raw_id: str) -> Response:
+        """Delete (204, also for an unknown id: idempotent). Owner or admin."""
+        caller, headers = caller_and_quota()
+        sid = session_id_param(raw_id)
+        key = idempotency_key()
+        try:
+            if not caller.is_admin:
+                A.require_manage(caller, await load(sid))
+            await ask(sid, C.Delete(command_id=key), "delete")
+        except SessionNotFound:
+            pass
+        return Response(b"", status=204, headers=headers)
+
+    @app.get("/v1/sessions/<raw_id>/events")
+    @tag(["sessions"])
+    @document_querystring(S.EventsQuery)
+    @document_response(S.EventsEnvelope)
+    async def session_events(raw_id: str) -> Response:
+        """Audit history, oldest first; page with `?after_version=`."""
+        caller, headers = caller_and_quota()
+        sid = session_id_param(raw_id)
+        try:
+            q = S.EventsQuery.model_validate(dict(request.args))
+        except PydanticValidationError as exc:
+            raise W.from_pydantic(exc) from None
+        state = await load(sid)
+        A.require_read(caller, state)
+        events = [] if svc.audit is None else await svc.audit.events(sid, q.after_version, q.limit)
+        return json_response({"data": events}, headers=headers)
+
+    # ---------------- devices ----------------
+
+    @app.post("/v1/devices")
+    @tag(["devices"])
+    @document_request(S.DeviceIn)
+    @document_response(S.DeviceEnvelope, 201)
+    async def register_device() -> Response:
+        """Register a push token for the caller."""
+        caller, headers = caller_and_quota()
+        raw = await required_body()
+        try:
+            body = S.DeviceIn.model_validate(raw)
+        except PydanticValidationError as exc:
+            raise W.from_pydantic(exc) from None
+        if svc.audit is not None:
+            await svc.audit.register_device(caller.sub, body.token, body.platform)
+        return json_response({"data": body.model_dump()}, 201, headers)
+
+    @app.delete("/v1/devices/<path:token>")
+    @tag(["devices"])
+    async def delete_device(token: str) -> Response:
+        """Forget a push token of the caller (204 even if unknown)."""
+        caller, headers = caller_and_quota()
+        if svc.audit is not None:
+            await svc.audit.delete_device(caller.sub, token)
+        return Response(b"", status=204, headers=headers)
+
+    # ---------------- admin ----------------
+
+    @app.post("/admin/drain")
+    @tag(["admin"])
+    async def admin_drain() -> Response:
+        """Drain this instance (admin): hand off leases, close sockets with 1012."""
+        caller, _ = caller_and_quota()
+        A.require_admin(caller)
+        assert svc.task_group is not None
+        svc.task_group.start_soon(svc.drain)
+        return json_response({"data": {"status": "draining", "instance_id": svc.instance_id}}, 202)
+
+    @app.get("/admin/instances")
+    @tag(["admin"])
+    @document_response(S.InstancesEnvelope)
+    async def admin_instances() -> Response:
+        """Live instances with actor counts and draining flags (admin)."""
+        caller, headers = caller_and_quota()
+        A.require_admin(caller)
+        return json_response({"data": await svc.host.instances()}, headers=headers)
+
+    # ---------------- access log, ids, request metrics ----------------
+
+    @app.before_request
+    async def bind_ids() -> None:
+        structlog.contextvars.clear_contextvars()
+        rid = request.headers.get("X-Request-Id") or f"{time.monotonic_ns():x}"
+        structlog.contextvars.bind_contextvars(request_id=rid[:64])
+        sid = (request.view_args or {}).get("raw_id")
+        if sid is not None:
+            structlog.contextvars.bind_contextvars(session_id=sid[:64])
+        request._kairos_t0 = time.perf_counter()  # type: ignore[attr-defined]
+
+    @app.after_request
+    async def access_log(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.HTTP_REQUESTS.labels(request.method, rule, response.status_code).inc()
+        if request.path not in _NO_ACCESS_LOG:
+            t0 = getattr(request, "_kairos_t0", None)
+            log.info("request", method=request.method, path=request.path,
+                     status=response.status_code,
+                     ms=round((time.perf_counter() - t0) * 1000, 3) if t0 else None)
+        return response

@@ -1,0 +1,201 @@
+"""Pydantic models of API.md: request bodies (validated) and response shapes (OpenAPI only).
+
+Responses are built by `kairos.wire` as plain dicts on the hot path; the response models here
+exist so `/api-docs.json` documents them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StringConstraints,
+)
+
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+Uuid = Annotated[str, StringConstraints(pattern=UUID_PATTERN), AfterValidator(str.lower)]
+"""A UUID in RFC 9562 text form, any version, case-insensitive; normalised to lower case."""
+
+Duration = Annotated[StrictInt, Field(ge=1000, le=86_400_000)]
+SyncModeName = Literal["per_participant", "per_cycle", "per_group", "global", "count_up"]
+MAX_METADATA_BYTES = 10 * 1024
+
+
+class _Body(BaseModel):
+    # Unknown keys are ignored (API.md), so newer clients can talk to older servers.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ParticipantIn(_Body):
+    participant_id: Uuid
+    participant_index: Annotated[StrictInt, Field(ge=0)] | None = None
+    total_time_ms: Duration
+    group_id: Uuid | None = None
+
+
+class CreateSession(_Body):
+    """POST /v1/sessions body."""
+
+    session_id: Uuid
+    sync_mode: SyncModeName
+    participants: Annotated[list[ParticipantIn], Field(min_length=1, max_length=1000)]
+    total_time_ms: Duration | None = None
+    time_per_cycle_ms: Duration | None = None
+    increment_ms: Annotated[StrictInt, Field(ge=0, le=60_000)] = 0
+    max_time_ms: Duration | None = None
+    expiry_policy: Literal["end_session", "skip_participant", "auto_advance"] | None = None
+    time_warning_ms: Annotated[StrictInt, Field(ge=0)] | None = None
+    visibility: Literal["private", "public"] = "private"
+    metadata: dict[str, Any] | None = None
+
+    def cross_field_errors(self) -> list[dict[str, str]]:
+        """Rules spanning several fields, as validation details (empty when all hold)."""
+        out = []
+        if self.sync_mode == "per_cycle" and self.time_per_cycle_ms is None:
+            out.append(_detail("time_per_cycle_ms", "is required for per_cycle", "required"))
+        seen: set[str] = set()
+        for i, p in enumerate(self.participants):
+            if p.participant_id in seen:
+                out.append(_detail(f"participants.{i}.participant_id", "duplicate participant_id", "duplicate"))
+            seen.add(p.participant_id)
+        if self.metadata is not None and len(json.dumps(self.metadata)) > MAX_METADATA_BYTES:
+            out.append(_detail("metadata", "must be at most 10 KB", "too_big"))
+        return out
+
+
+def _detail(field: str, message: str, code: str) -> dict[str, str]:
+    return {"field": field, "message": message, "code": code}
+
+
+class SwitchBody(_Body):
+    """POST /v1/sessions/{id}/switch body (optional)."""
+
+    next_participant_id: Uuid | None = None
+    expected_active_participant_id: Uuid | None = None
+
+
+class DeviceIn(_Body):
+    """POST /v1/devices body."""
+
+    token: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    platform: Literal["ios", "android", "web"]
+
+
+class EventsQuery(_Body):
+    after_version: Annotated[int, Field(ge=0)] | None = None
+    limit: Annotated[int, Field(ge=1, le=500)] = 500
+
+
+# ---- response shapes (documentation) ----
+
+
+class ParticipantOut(BaseModel):
+    participant_id: str
+    participant_index: int
+    total_time_ms: int = Field(description="bank remaining at the last change")
+    time_used_ms: int
+    time_remaining_ms: int = Field(description="live, as of server_time_ms")
+    cycle_count: int
+    is_active: bool
+    has_expired: bool
+    group_id: str | None = Field(None, description="omitted if unset")
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    sync_mode: SyncModeName
+    status: Literal["pending", "running", "paused", "expired", "completed", "cancelled"]
+    version: int
+    participants: list[ParticipantOut]
+    active_participant_id: str | None
+    total_time_ms: int | None
+    time_per_cycle_ms: int | None
+    cycle_started_at: str | None
+    session_started_at: str | None
+    session_completed_at: str | None
+    increment_ms: int
+    max_time_ms: int | None = Field(None, description="omitted if unset")
+    created_at: str
+    updated_at: str
+    server_time_ms: int
+    expiry_policy: str
+    time_warning_ms: int | None = Field(None, description="omitted if unset")
+    visibility: Literal["private", "public"]
+    metadata: dict[str, Any] | None = Field(None, description="omitted if unset")
+    owner: str
+
+
+class SwitchResultOut(BaseModel):
+    session_id: str
+    active_participant_id: str | None
+    cycle_started_at: str | None
+    participants: list[ParticipantOut]
+    status: str
+    expired_participant_id: str | None = Field(None, description="only when an expiry happened")
+    version: int
+    server_time_ms: int
+
+
+class SessionEnvelope(BaseModel):
+    data: SessionOut
+
+
+class SwitchEnvelope(BaseModel):
+    data: SwitchResultOut
+
+
+class EventOut(BaseModel):
+    type: str
+    session_id: str
+    version: int
+    at_ms: int
+    participant_id: str | None
+    data: dict[str, Any]
+
+
+class EventsEnvelope(BaseModel):
+    data: list[EventOut]
+
+
+class DeviceEnvelope(BaseModel):
+    data: DeviceIn
+
+
+class InstancesEnvelope(BaseModel):
+    data: list[dict[str, Any]]
+
+
+class StatusOut(BaseModel):
+    status: str
+    error: str | None = None
+
+
+class TimeOut(BaseModel):
+    timestamp_ms: int
+    server_version: str
+    drift_tolerance_ms: int
+    server_receive_ms: int
+    server_send_ms: int
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+    code: str
+
+
+class ErrorInner(BaseModel):
+    code: str
+    message: str
+    details: list[ErrorDetail] | None = None
+    retry_after_seconds: int | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorInner

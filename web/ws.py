@@ -1,0 +1,284 @@
+"""WebSocket `/ws?sessionId=…`: subscribe to a session, receive its changes, send commands.
+
+Each instance relays a session's update messages (from `actors.fanout`) to its sockets. A
+`Relay` per watched session turns one update message into frames ONCE and puts the same strings
+on every socket's bounded queue; a socket whose queue is full is dropped (close 1013) so a slow
+client never delays the others.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import anyio
+import structlog
+from quart import Quart, websocket
+
+from kairos import commands as C
+from kairos import wire
+from kairos.errors import KairosError, SessionNotFound, ValidationError
+from web import auth as A
+from web import errors as W
+from web import metrics
+from web.schemas import UUID_PATTERN
+
+log = structlog.get_logger("kairos.ws")
+
+_UUID = re.compile(UUID_PATTERN)
+_COMMANDS = {"SWITCH", "PAUSE", "RESUME", "START", "COMPLETE"}
+
+
+class Socket:
+    """One connected client: its bounded outgoing queue and a way to close it from elsewhere."""
+
+    def __init__(self, queue_size: int) -> None:
+        self.send_stream, self.recv_stream = anyio.create_memory_object_stream[str](queue_size)
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.closed = anyio.Event()
+
+    def push(self, frame: str) -> bool:
+        """Queue a frame; False (and the socket is marked for closing) when the queue is full."""
+        try:
+            self.send_stream.send_nowait(frame)
+            return True
+        except anyio.WouldBlock:
+            metrics.WS_DROPPED.inc()
+            self.close(1013, "Client too slow")
+            return False
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return False
+
+    def close(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+        self.closed.set()
+
+
+class Relay:
+    """The sockets watching one session on this instance."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.sockets: set[Socket] = set()
+
+    def __call__(self, message: bytes) -> None:
+        """Fan-out watcher: build the frames once, queue the same strings on every socket."""
+        try:
+            frames, deleted = update_frames(message)
+        except (ValueError, KeyError, TypeError):
+            log.warning("undecodable update message", session_id=self.session_id)
+            return
+        metrics.WS_MESSAGES.labels("out", "STATE_UPDATE").inc(len(self.sockets))
+        for sock in list(self.sockets):
+            for frame in frames:
+                if not sock.push(frame):
+                    break
+            if deleted:
+                sock.close(1000, "Session deleted")
+
+
+def update_frames(message: bytes) -> tuple[list[str], bool]:
+    """The WS frames for one update message (kairos.wire format), and whether it was a delete."""
+    msg = json.loads(message)
+    sid = msg["session_id"]
+    ts = msg["server_time_ms"]
+    state = msg.get("state")
+    frames: list[str] = []
+    for ev in msg.get("events", ()):
+        if ev.get("type") == "time_warning":
+            remaining = (ev.get("data") or {}).get("time_remaining_ms")
+            frames.append(json.dumps({"type": "TIME_WARNING", "sessionId": sid, "timestamp": ts,
+                                      "participant_id": ev.get("participant_id"),
+                                      "remaining_ms": remaining}))
+    expired = msg.get("expired_participant_id")
+    if expired and state is not None:
+        frames.append(json.dumps({"type": "TIME_EXPIRED", "sessionId": sid, "timestamp": ts,
+                                  "participant_id": expired, "state": state}))
+    if state is None:
+        frames.append(json.dumps({"type": "SESSION_DELETED", "sessionId": sid, "timestamp": ts}))
+        return frames, True
+    frames.append(json.dumps({"type": "STATE_UPDATE", "sessionId": sid, "timestamp": ts, "state": state}))
+    return frames, False
+
+
+class Relays:
+    """All relays of this instance; subscribes through the fan-out on a session's first socket."""
+
+    def __init__(self, svc: Any) -> None:
+        self.svc = svc
+        self.relays: dict[str, Relay] = {}
+        self.sockets: set[Socket] = set()
+
+    async def join(self, session_id: str, sock: Socket) -> None:
+        self.sockets.add(sock)
+        relay = self.relays.get(session_id)
+        if relay is None:
+            relay = self.relays[session_id] = Relay(session_id)
+            relay.sockets.add(sock)
+            await self.svc.fanout.watch(session_id, relay)
+        else:
+            relay.sockets.add(sock)
+
+    async def leave(self, session_id: str, sock: Socket) -> None:
+        self.sockets.discard(sock)
+        relay = self.relays.get(session_id)
+        if relay is None:
+            return
+        relay.sockets.discard(sock)
+        if not relay.sockets:
+            del self.relays[session_id]
+            await self.svc.fanout.unwatch(session_id, relay)
+
+    async def close_all(self, code: int, reason: str) -> None:
+        """Close every socket (drain: 1012, shutdown: 1001) and wait briefly for them to go."""
+        for sock in list(self.sockets):
+            sock.close(code, reason)
+        with anyio.move_on_after(2):
+            while self.sockets:  # noqa: ASYNC110 - bounded by the timeout above
+                await anyio.sleep(0.01)
+
+    def count(self) -> int:
+        return len(self.sockets)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def register_ws(app: Quart, svc: Any) -> None:
+    """Attach the `/ws` endpoint."""
+    clock = svc.clock
+    relays: Relays = svc.relays
+
+    @app.websocket("/ws")
+    async def ws_endpoint() -> None:
+        # Quart/Hypercorn: accept before awaiting anything else.
+        await websocket.accept()
+        sid_raw = websocket.args.get("sessionId")
+        if not sid_raw:
+            await websocket.close(1008, "Missing sessionId parameter")
+            return
+        if not _UUID.match(sid_raw):
+            await websocket.close(1008, "Invalid sessionId format")
+            return
+        sid = sid_raw.lower()
+        try:
+            caller = svc.auth.caller(websocket.headers.get("Authorization"),
+                                     websocket.args.get("token") or None)
+        except KairosError:
+            await websocket.close(1008, "Unauthorized")
+            return
+        if svc.draining:
+            await websocket.close(1012, "Service restart")
+            return
+        try:
+            A.require_read(caller, await svc.host.get(sid))
+        except SessionNotFound:
+            await websocket.close(1008, "Session not found")
+            return
+        except KairosError:
+            await websocket.close(1008, "Forbidden")
+            return
+        sock = Socket(svc.settings.ws_send_queue)
+        metrics.WS_CONNECTIONS.inc()
+        structlog.contextvars.bind_contextvars(session_id=sid)
+        try:
+            await relays.join(sid, sock)
+            await websocket.send(_dumps({"type": "CONNECTED", "sessionId": sid, "timestamp": clock()}))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_sender, sock)
+                tg.start_soon(_receiver, svc, sid, caller, sock)
+                await sock.closed.wait()
+                tg.cancel_scope.cancel()
+            if sock.close_code is not None:
+                await websocket.close(sock.close_code, sock.close_reason)
+        finally:
+            metrics.WS_CONNECTIONS.dec()
+            sock.send_stream.close()
+            await relays.leave(sid, sock)
+
+
+async def _sender(sock: Socket) -> None:
+    async for frame in sock.recv_stream:
+        await websocket.send(frame)
+
+
+async def _receiver(svc: Any, sid: str, caller: A.Caller, sock: Socket) -> None:
+    try:
+        while True:
+            raw = await websocket.receive()
+            received = svc.clock()
+            try:
+                msg = json.loads(raw)
+            except (ValueError, RecursionError, TypeError):
+                continue  # bad JSON is ignored without closing
+            if not isinstance(msg, dict):
+                continue
+            kind = msg.get("type")
+            metrics.WS_MESSAGES.labels("in", kind if kind in _COMMANDS or kind in ("PING", "RECONNECT") else "other").inc()
+            if kind == "PING":
+                pong: dict[str, Any] = {"type": "PONG", "timestamp": received,
+                                        "server_receive_ms": received}
+                if "client_time" in msg:
+                    pong["client_time"] = msg["client_time"]
+                pong["server_send_ms"] = svc.clock()
+                await websocket.send(_dumps(pong))
+            elif kind == "RECONNECT":
+                await _state_sync(svc, sid, caller)
+            elif kind in _COMMANDS:
+                await websocket.send(await _command(svc, sid, caller, kind, msg))
+    finally:
+        sock.close(1000, "")
+
+
+async def _state_sync(svc: Any, sid: str, caller: A.Caller) -> None:
+    try:
+        state = await svc.host.get(sid)
+        A.require_read(caller, state)
+    except KairosError as err:
+        await websocket.send(W.ws_error_frame(err))
+        return
+    now = svc.clock()
+    await websocket.send(_dumps({"type": "STATE_SYNC", "sessionId": sid, "timestamp": now,
+                                 "state": wire.session_json(state, now)}))
+
+
+async def _command(svc: Any, sid: str, caller: A.Caller, kind: str, msg: dict[str, Any]) -> str:
+    """Run one socket command with REST's rules; returns the ACK or ERROR frame."""
+    request_id = msg.get("request_id")
+    request_id = request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+    try:
+        if svc.auth.enabled:
+            svc.limiter.hit(caller.sub)
+        state = None if caller.is_admin else await svc.host.get(sid)
+        if kind == "SWITCH":
+            nxt, expected = msg.get("next_participant_id"), msg.get("expected_active_participant_id")
+            for name, val in (("next_participant_id", nxt), ("expected_active_participant_id", expected)):
+                if val is not None and (not isinstance(val, str) or not _UUID.match(val)):
+                    raise ValidationError("Request validation failed",
+                                          details=[{"field": name, "message": "must be a UUID", "code": "invalid_uuid"}])
+            nxt = nxt.lower() if nxt else None
+            expected = expected.lower() if expected else None
+            if state is not None:
+                expected = A.switch_guard(caller, state, expected)
+            cmd: Any = C.Switch(nxt, expected, command_id=request_id)
+        else:
+            if state is not None:
+                A.require_manage(caller, state)
+            cmd = {"PAUSE": C.Pause, "RESUME": C.Resume, "START": C.Start,
+                   "COMPLETE": C.Complete}[kind](command_id=request_id)
+        t0 = time.perf_counter()
+        reply = await svc.host.ask(sid, cmd)
+        metrics.COMMAND_SECONDS.labels(kind.lower(), "ws").observe(time.perf_counter() - t0)
+        if kind == "SWITCH":
+            data = wire.switch_result_json(reply.state, reply.now_ms,
+                                           reply.outcome.get("expired_participant_id"))
+        else:
+            data = wire.session_json(reply.state, reply.now_ms)
+        return _dumps({"type": "ACK", "request_id": request_id, "data": data})
+    except KairosError as err:
+        return W.ws_error_frame(err, request_id)
