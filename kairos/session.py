@@ -53,6 +53,9 @@ class Participant:
     has_expired: bool = False
     group_id: str | None = None
     increments_ms: int = 0  # Fischer increments earned so far (for the conservation rule)
+    # Live remaining time as of some `now_ms`; set only on copies made by `kairos.rules.view`
+    # (None in stored state, where the bank at the last change is `total_time_ms`).
+    time_remaining_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -79,7 +82,12 @@ class Session:
     cycle_started_at_ms: int | None = None
     session_started_at_ms: int | None = None
     session_completed_at_ms: int | None = None
-    global_remaining_ms: int | None = None  # `global` mode: countdown left at the last change
+    # `global`: countdown left at the last change; `count_up`: time left to `max_time_ms` (None
+    # when uncapped). Unused by the other modes.
+    global_remaining_ms: int | None = None
+    # Time already charged to the current turn before `cycle_started_at_ms` (non-zero after a
+    # pause inside the turn); `per_cycle` needs it for the turn clock, events report it.
+    turn_elapsed_ms: int = 0
     warned: bool = False  # TIME_WARNING already emitted for the current turn
     # Idempotency window: command_id -> stored outcome (see kairos.rules.Outcome), oldest first.
     recent: dict[str, dict] = field(default_factory=dict)

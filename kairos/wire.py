@@ -11,27 +11,209 @@ the session channel AND appends to the outbox stream (same bytes, serialised onc
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from kairos.events import Event
-from kairos.session import Session
+from kairos import events as ev
+from kairos.modes import live_remaining
+from kairos.session import ExpiryPolicy, Participant, Session, Status, SyncMode, Visibility
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
 
 
 def iso_ms(epoch_ms: int) -> str:
     """Epoch ms -> `2026-11-28T21:04:05.123Z`."""
-    raise NotImplementedError
+    seconds, millis = divmod(epoch_ms, 1000)
+    dt = _EPOCH + timedelta(seconds=seconds)
+    return f"{dt:%Y-%m-%dT%H:%M:%S}.{millis:03d}Z"
+
+
+def parse_iso_ms(s: str) -> int:
+    """ISO-8601 -> epoch ms (inverse of `iso_ms`; also accepts offsets; naive means UTC)."""
+    dt = datetime.fromisoformat(s[:-1] + "+00:00" if s.endswith(("Z", "z")) else s)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // _MS
+
+
+def _iso_or_none(epoch_ms: int | None) -> str | None:
+    return None if epoch_ms is None else iso_ms(epoch_ms)
+
+
+def _participants_json(state: Session, now_ms: int) -> list[dict[str, Any]]:
+    remaining = live_remaining(state, now_ms)
+    active = state.active_index
+    out = []
+    for j, p in enumerate(state.participants):
+        d: dict[str, Any] = {
+            "participant_id": p.participant_id,
+            "participant_index": p.participant_index,
+            "total_time_ms": p.total_time_ms,
+            "time_used_ms": p.time_used_ms,
+            "time_remaining_ms": remaining[j],
+            "cycle_count": p.cycle_count,
+            "is_active": j == active,
+            "has_expired": p.has_expired,
+        }
+        if p.group_id is not None:
+            d["group_id"] = p.group_id
+        out.append(d)
+    return out
 
 
 def session_json(state: Session, now_ms: int) -> dict[str, Any]:
     """API.md Session body with live times as of `now_ms` (includes `server_time_ms`)."""
-    raise NotImplementedError
+    s = state
+    active = s.active
+    d: dict[str, Any] = {
+        "session_id": s.session_id,
+        "sync_mode": s.sync_mode.value,
+        "status": s.status.value,
+        "version": s.version,
+        "participants": _participants_json(s, now_ms),
+        "active_participant_id": None if active is None else active.participant_id,
+        "total_time_ms": s.total_time_ms,
+        "time_per_cycle_ms": s.time_per_cycle_ms,
+        "cycle_started_at": _iso_or_none(s.cycle_started_at_ms),
+        "session_started_at": _iso_or_none(s.session_started_at_ms),
+        "session_completed_at": _iso_or_none(s.session_completed_at_ms),
+        "increment_ms": s.increment_ms,
+    }
+    if s.max_time_ms is not None:
+        d["max_time_ms"] = s.max_time_ms
+    d["created_at"] = iso_ms(s.created_at_ms)
+    d["updated_at"] = iso_ms(s.updated_at_ms)
+    d["server_time_ms"] = now_ms
+    d["expiry_policy"] = s.expiry_policy.value
+    if s.time_warning_ms is not None:
+        d["time_warning_ms"] = s.time_warning_ms
+    d["visibility"] = s.visibility.value
+    if s.metadata is not None:
+        d["metadata"] = s.metadata
+    d["owner"] = s.owner
+    return d
 
 
 def switch_result_json(state: Session, now_ms: int, expired_participant_id: str | None) -> dict[str, Any]:
     """API.md SwitchResult body."""
-    raise NotImplementedError
+    active = state.active
+    d: dict[str, Any] = {
+        "session_id": state.session_id,
+        "active_participant_id": None if active is None else active.participant_id,
+        "cycle_started_at": _iso_or_none(state.cycle_started_at_ms),
+        "participants": _participants_json(state, now_ms),
+        "status": state.status.value,
+    }
+    if expired_participant_id is not None:
+        d["expired_participant_id"] = expired_participant_id
+    d["version"] = state.version
+    d["server_time_ms"] = now_ms
+    return d
 
 
-def update_message(state: Session | None, events: list[Event], now_ms: int, session_id: str) -> bytes:
+def expired_participant_of(events: list[ev.Event]) -> str | None:
+    """The participant whose time ran out in these events, if any."""
+    for e in events:
+        if e.type == ev.PARTICIPANT_EXPIRED:
+            return e.participant_id
+    return None
+
+
+def update_message(state: Session | None, events: list[ev.Event], now_ms: int, session_id: str) -> bytes:
     """Serialise the update message (see module docstring) once, as UTF-8 JSON bytes."""
-    raise NotImplementedError
+    if state is not None:
+        version = state.version
+    else:
+        version = events[-1].version if events else 0
+    msg: dict[str, Any] = {
+        "session_id": session_id,
+        "version": version,
+        "server_time_ms": now_ms,
+        "events": [e.to_dict() for e in events],
+        "state": None if state is None else session_json(state, now_ms),
+    }
+    expired = expired_participant_of(events)
+    if expired is not None:
+        msg["expired_participant_id"] = expired
+    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def session_from_json(d: dict[str, Any]) -> Session:
+    """Best-effort rebuild of a Session from its wire form (restore from the audit snapshot).
+
+    Exact: ids, statuses, banks, time used, cycle counts, expiry flags, timestamps, version and
+    every setting. Derived: `initial_time_ms` and `increments_ms` (from `cycle_count x
+    increment_ms`, exact because only a switch earns an increment), the `global`/`count_up`
+    shared clock (limit minus the time used). Lost (approximated): the idempotency window
+    (empty), whether this turn's time warning was already sent (assumed not: it may repeat), and
+    time charged to the current turn before a pause (assumed 0: a paused `per_cycle` turn
+    restarts with a full turn).
+    """
+    mode = SyncMode(d["sync_mode"])
+    inc = d.get("increment_ms") or 0
+    bank_mode = mode in (SyncMode.PER_PARTICIPANT, SyncMode.PER_GROUP)
+    participants = []
+    for p in d["participants"]:
+        increments = p["cycle_count"] * inc if bank_mode else 0
+        participants.append(Participant(
+            participant_id=p["participant_id"],
+            participant_index=p["participant_index"],
+            total_time_ms=p["total_time_ms"],
+            initial_time_ms=p["total_time_ms"],
+            time_used_ms=p["time_used_ms"],
+            cycle_count=p["cycle_count"],
+            has_expired=p["has_expired"],
+            group_id=p.get("group_id"),
+            increments_ms=increments,
+        ))
+    if bank_mode:
+        # initial = bank now + used + (the bank's increments) - earned; summed over a shared bank.
+        groups: dict[str, list[Participant]] = {}
+        for p in participants:
+            key = p.group_id if (mode is SyncMode.PER_GROUP and p.group_id) else p.participant_id
+            groups.setdefault(key, []).append(p)
+        for members in groups.values():
+            initial = members[0].total_time_ms + sum(
+                m.time_used_ms - m.increments_ms for m in members)
+            for m in members:
+                m.initial_time_ms = initial
+    active_id = d.get("active_participant_id")
+    active_index = next((j for j, p in enumerate(participants)
+                         if p.participant_id == active_id), None)
+    used = sum(p.time_used_ms for p in participants)
+    shared: int | None = None
+    if mode is SyncMode.GLOBAL:
+        shared = max(0, d["total_time_ms"] - used)
+    elif mode is SyncMode.COUNT_UP and d.get("max_time_ms") is not None:
+        shared = max(0, d["max_time_ms"] - used)
+
+    def _ms(key: str) -> int | None:
+        v = d.get(key)
+        return None if v is None else parse_iso_ms(v)
+
+    return Session(
+        session_id=d["session_id"],
+        sync_mode=mode,
+        status=Status(d["status"]),
+        version=d["version"],
+        participants=participants,
+        owner=d.get("owner", ""),
+        created_at_ms=parse_iso_ms(d["created_at"]),
+        updated_at_ms=parse_iso_ms(d["updated_at"]),
+        total_time_ms=d["total_time_ms"],
+        expiry_policy=ExpiryPolicy(d.get("expiry_policy") or (
+            ExpiryPolicy.AUTO_ADVANCE if mode is SyncMode.PER_CYCLE else ExpiryPolicy.END_SESSION)),
+        visibility=Visibility(d.get("visibility", "private")),
+        active_index=active_index,
+        time_per_cycle_ms=d.get("time_per_cycle_ms"),
+        increment_ms=inc,
+        max_time_ms=d.get("max_time_ms"),
+        time_warning_ms=d.get("time_warning_ms"),
+        metadata=d.get("metadata"),
+        cycle_started_at_ms=_ms("cycle_started_at"),
+        session_started_at_ms=_ms("session_started_at"),
+        session_completed_at_ms=_ms("session_completed_at"),
+        global_remaining_ms=shared,
+    )
