@@ -1,10 +1,28 @@
 """The one module that owns the Redis key schema and the Lua scripts.
 
-Nothing else in the code base spells a key or channel name: everything goes through `Keys`.
+Nothing else in the code base spells a key or channel name: everything goes through `Keys`, and
+every script is called through a `do_*` method of `Scripts` (registered once; redis-py's
+`AsyncScript` calls EVALSHA and reloads the script on NOSCRIPT by itself).
+
+Lease (directory entry) of a session: hash `lease(sid)` with `o` = owner incarnation ("" once
+released) and `e` = epoch (+1 on every claim, never reset while the key lives; the key's TTL
+follows the checkpoint's so the epoch outlives every checkpoint written under it).
+Scripts that must reach another instance's keys (the owner's liveness key or inbox) build the
+name inside Lua from the prefix with the same spelling as `Keys.liveness` / `Keys.inbox`.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+# Checkpoints (and leases) live at least as long as the longest allowed session (48 h), refreshed
+# on every write; a few days of slack so an idle-but-open session survives a weekend.
+CHECKPOINT_TTL_MS = 4 * 24 * 3600 * 1000
+# A forwarded command nobody pops (owner died) must not pile up forever.
+INBOX_TTL_MS = 60_000
 
 # Consumer groups on the outbox stream (`Keys.outbox`): each group sees every entry once.
 AUDIT_GROUP = "audit"  # copies events into PostgreSQL (actors/audit.py)
@@ -18,9 +36,11 @@ class Keys:
         self.prefix = prefix
 
     def checkpoint(self, session_id: str) -> str:
+        """String: the session's checkpoint bytes (`kairos.encode`)."""
         return f"{self.prefix}s:{session_id}:cp"
 
     def lease(self, session_id: str) -> str:
+        """Hash {o: owner incarnation or "", e: epoch}."""
         return f"{self.prefix}s:{session_id}:lease"
 
     def channel(self, session_id: str) -> str:
@@ -28,16 +48,22 @@ class Keys:
         return f"{self.prefix}s:{session_id}:ch"
 
     def liveness(self, incarnation: str) -> str:
+        """String with TTL: the instance's info (JSON) while the incarnation is alive.
+
+        Spelled again inside Lua as PREFIX .. 'i:' .. inc .. ':alive'."""
         return f"{self.prefix}i:{incarnation}:alive"
 
     def inbox(self, incarnation: str) -> str:
+        """List of forwarded commands for the incarnation. Lua: PREFIX .. 'i:' .. inc .. ':inbox'."""
         return f"{self.prefix}i:{incarnation}:inbox"
 
     def reply_channel(self, incarnation: str) -> str:
+        """Pub/sub channel on which owners answer forwarded commands."""
         return f"{self.prefix}i:{incarnation}:replies"
 
     @property
     def instances(self) -> str:
+        """Set of incarnations that joined (dead ones are pruned when the list is read)."""
         return f"{self.prefix}instances"
 
     @property
@@ -52,3 +78,199 @@ class Keys:
 
     def devices(self, sub: str) -> str:
         return f"{self.prefix}devices:{sub}"
+
+
+# --- join --------------------------------------------------------------------------------------
+# KEYS[1] my liveness key, KEYS[2] instances set
+# ARGV[1] my incarnation, ARGV[2] info JSON, ARGV[3] liveness TTL ms
+# Returns 1 (joined) or 0 (incarnation already taken, never happens with random ids).
+JOIN = """
+if redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3], 'NX') then
+  redis.call('SADD', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# --- list live instances -----------------------------------------------------------------------
+# KEYS[1] instances set
+# ARGV[1] key prefix
+# Returns the info JSON of every live incarnation; dead ones are removed from the set.
+LIST_INSTANCES = """
+local out = {}
+for _, inc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local info = redis.call('GET', ARGV[1] .. 'i:' .. inc .. ':alive')
+  if info then out[#out + 1] = info else redis.call('SREM', KEYS[1], inc) end
+end
+return out
+"""
+
+# --- claim or forward (activation and routing in one round trip) -------------------------------
+# KEYS[1] lease(sid), KEYS[2] my liveness key, KEYS[3] checkpoint(sid)
+# ARGV[1] my incarnation, ARGV[2] key prefix, ARGV[3] may_claim "1"/"0",
+# ARGV[4] forward payload ("" = do not forward), ARGV[5] inbox TTL ms, ARGV[6] lease TTL ms
+# Returns
+#   {1, epoch, checkpoint|nil, reason}  claimed (reason new|released|takeover|self), epoch + 1
+#   {2, owner}   a live other instance owns it; payload RPUSHed onto its inbox
+#   {3, owner}   a live other instance owns it; nothing forwarded (empty payload)
+#   {4}          nobody owns it and may_claim is "0"
+#   {5}          the lease names me and may_claim is "0"
+#   {-1}         my own liveness key is gone: I must not claim anything
+CLAIM_OR_FORWARD = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
+local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
+local owner = lease[1]
+local epoch = tonumber(lease[2] or '0')
+local reason = 'new'
+if owner and owner ~= '' then
+  if owner == ARGV[1] then
+    if ARGV[3] ~= '1' then return {5} end
+    reason = 'self'
+  elseif redis.call('EXISTS', ARGV[2] .. 'i:' .. owner .. ':alive') == 1 then
+    if ARGV[4] == '' then return {3, owner} end
+    local inbox = ARGV[2] .. 'i:' .. owner .. ':inbox'
+    redis.call('RPUSH', inbox, ARGV[4])
+    redis.call('PEXPIRE', inbox, ARGV[5])
+    return {2, owner}
+  else
+    reason = 'takeover'
+  end
+elseif owner == '' then
+  reason = 'released'
+end
+if ARGV[3] ~= '1' then return {4} end
+epoch = epoch + 1
+redis.call('HSET', KEYS[1], 'o', ARGV[1], 'e', epoch)
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return {1, epoch, redis.call('GET', KEYS[3]), reason}
+"""
+
+# --- fenced write (the hot path: one round trip per accepted command) ---------------------------
+# KEYS[1] lease(sid), KEYS[2] my liveness key, KEYS[3] checkpoint(sid), KEYS[4] outbox stream,
+# KEYS[5] deadlines zset
+# ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] checkpoint bytes, ARGV[4] TTL ms,
+# ARGV[5] update message bytes ("" = checkpoint only, e.g. a restored session), ARGV[6] channel,
+# ARGV[7] session id, ARGV[8] next deadline ms ("" = none: not running)
+# Returns 1 written, 0 lease no longer mine (fenced), -1 my liveness key is gone.
+FENCED_WRITE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
+if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[4], '*', 'm', ARGV[5])
+  redis.call('PUBLISH', ARGV[6], ARGV[5])
+end
+if ARGV[8] ~= '' then
+  redis.call('ZADD', KEYS[5], ARGV[8], ARGV[7])
+else
+  redis.call('ZREM', KEYS[5], ARGV[7])
+end
+return 1
+"""
+
+# --- fenced delete ------------------------------------------------------------------------------
+# KEYS as FENCED_WRITE.
+# ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] update message bytes (session_deleted),
+# ARGV[4] channel, ARGV[5] session id
+# Deletes the checkpoint, releases the lease (keeping its epoch), appends + publishes the message,
+# drops the deadline. Returns 1 / 0 fenced / -1 liveness gone.
+FENCED_DELETE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
+if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[3])
+redis.call('HSET', KEYS[1], 'o', '')
+redis.call('XADD', KEYS[4], '*', 'm', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[3])
+redis.call('ZREM', KEYS[5], ARGV[5])
+return 1
+"""
+
+# --- release ------------------------------------------------------------------------------------
+# KEYS[1] lease(sid)
+# ARGV[1] my incarnation, ARGV[2] my epoch
+# Marks the lease released (owner "", epoch kept) if it is still mine. Returns 1 or 0.
+RELEASE = """
+local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
+if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'o', '')
+return 1
+"""
+
+
+class Scripts:
+    """The scripts registered on one client, and the few plain commands that touch our keys."""
+
+    def __init__(self, redis: redis.asyncio.Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._join = redis.register_script(JOIN)
+        self._list = redis.register_script(LIST_INSTANCES)
+        self._claim = redis.register_script(CLAIM_OR_FORWARD)
+        self._write = redis.register_script(FENCED_WRITE)
+        self._delete = redis.register_script(FENCED_DELETE)
+        self._release = redis.register_script(RELEASE)
+
+    # membership
+    async def do_join(self, incarnation: str, info: bytes, ttl_ms: int) -> bool:
+        """Create my liveness key (never overwrites) and list me among the instances."""
+        k = self.keys
+        return bool(await self._join(keys=[k.liveness(incarnation), k.instances], args=[incarnation, info, ttl_ms]))
+
+    async def do_renew(self, incarnation: str, info: bytes, ttl_ms: int) -> bool:
+        """Extend my liveness key; False once it has expired (SET XX never recreates it)."""
+        return bool(await self.redis.set(self.keys.liveness(incarnation), info, px=ttl_ms, xx=True))
+
+    async def do_leave(self, incarnation: str) -> None:
+        """Delete my liveness key (clean shutdown): my leases become claimable at once."""
+        await self.redis.delete(self.keys.liveness(incarnation))
+
+    async def do_list_instances(self) -> list[bytes]:
+        """Info JSON of every live instance."""
+        return list(await self._list(keys=[self.keys.instances], args=[self.keys.prefix]))
+
+    # leases and checkpoints
+    async def do_claim_or_forward(
+        self, incarnation: str, session_id: str, *, may_claim: bool, payload: bytes = b""
+    ) -> list[Any]:
+        """See CLAIM_OR_FORWARD for the reply shapes."""
+        k = self.keys
+        return await self._claim(
+            keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id)],
+            args=[incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS],
+        )
+
+    async def do_fenced_write(
+        self, incarnation: str, epoch: int, session_id: str, checkpoint: bytes, message: bytes,
+        deadline_ms: int | None,
+    ) -> int:
+        """Write checkpoint + outbox + publish + deadline if I still hold the lease: 1 / 0 / -1."""
+        k = self.keys
+        return await self._write(
+            keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines],
+            args=[incarnation, epoch, checkpoint, CHECKPOINT_TTL_MS, message, k.channel(session_id),
+                  session_id, "" if deadline_ms is None else deadline_ms],
+        )
+
+    async def do_fenced_delete(self, incarnation: str, epoch: int, session_id: str, message: bytes) -> int:
+        """Delete checkpoint, release lease, outbox + publish the deletion: 1 / 0 / -1."""
+        k = self.keys
+        return await self._delete(
+            keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines],
+            args=[incarnation, epoch, message, k.channel(session_id), session_id],
+        )
+
+    async def do_release(self, incarnation: str, epoch: int, session_id: str) -> bool:
+        """Release the lease if it is still mine (passivation, drain)."""
+        return bool(await self._release(keys=[self.keys.lease(session_id)], args=[incarnation, epoch]))
+
+    async def do_load_checkpoint(self, session_id: str) -> bytes | None:
+        """The stored checkpoint bytes (reads for `get` on a session owned elsewhere)."""
+        return await self.redis.get(self.keys.checkpoint(session_id))
+
+    async def do_read_lease(self, session_id: str) -> tuple[str, int]:
+        """(owner incarnation or "", epoch) — for admin views and tests."""
+        o, e = await self.redis.hmget(self.keys.lease(session_id), "o", "e")
+        return ((o or b"").decode(), int(e or 0))
