@@ -1,0 +1,245 @@
+"""The host: one per process. Owns membership, the actor registry, the timer heap and the router.
+
+    async with Host(redis, key_prefix=settings.key_prefix) as host:
+        reply = await host.ask(session_id, kairos.Start())
+
+Everything it runs lives in one anyio task group opened by `__aenter__` and cancelled by
+`__aexit__` (structured concurrency: no task outlives the host). The Redis client must return
+bytes (`decode_responses=False`, the default).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from actors.actor import Actor, Lease, Reply
+from actors.keys import Keys, Scripts
+from actors.membership import Membership
+from actors.router import Router
+from actors.store import RedisStore
+from actors.timers import Timers
+from kairos import codec
+from kairos.commands import Command
+from kairos.errors import SessionNotFound
+from kairos.session import Session
+
+__all__ = ["Host", "Reply"]
+
+# Activations between two gc.freeze() calls: long-lived actor objects leave the GC's young
+# generations so full collections stay short at 100k sessions.
+_FREEZE_EVERY = 5_000
+
+
+def wall_ms() -> int:
+    """Server wall clock in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+class Host:
+    """Runs the actors of this process and routes commands to whichever host owns a session."""
+
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        key_prefix: str = "kairos:",
+        lease_ttl_ms: int = 5000,
+        instance_id: str | None = None,
+        clock: Callable[[], int] = wall_ms,
+        restore: Callable[[str], Awaitable[Session | None]] | None = None,
+        switch_rate_per_s: int = 10,
+        passivate_after_ms: int = 60_000,
+        mailbox_limit: int = 10_000,
+        ask_deadline_ms: int = 10_000,
+        forward_timeout_ms: int = 2_000,
+    ) -> None:
+        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+            raise ValueError("Host needs a Redis client with decode_responses=False")
+        self.redis = redis
+        self.keys = Keys(key_prefix)
+        self.scripts = Scripts(redis, self.keys)
+        self.store = RedisStore(self.scripts)
+        self._clock = clock
+        self.timers = Timers(clock)
+        self.restore = restore
+        self.switch_rate_per_s = switch_rate_per_s
+        self.passivate_after_ms = passivate_after_ms
+        self.mailbox_limit = mailbox_limit
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self.draining = False
+        self.membership = Membership(
+            self.scripts, instance_id=self.instance_id, ttl_ms=lease_ttl_ms,
+            info=self._info, on_lost=self._stop_incarnation,
+        )
+        self.router = Router(self, deadline_ms=ask_deadline_ms, attempt_timeout_ms=forward_timeout_ms)
+        self._actors: dict[str, Actor] = {}
+        self._locks: dict[str, tuple[anyio.Lock, list[int]]] = {}
+        self._activations = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # --- lifetime --------------------------------------------------------------------------
+    async def __aenter__(self) -> Host:
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            await self.membership.join()
+            await tg.start(self.router.run_replies)
+            tg.start_soon(self.membership.run)
+            tg.start_soon(self.timers.run)
+            tg.start_soon(self.router.run_inbox)
+        except BaseException:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            self._tg = None
+            raise
+        gc.freeze()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        for actor in list(self._actors.values()):
+            actor.close()
+        tg, self._tg = self._tg, None
+        assert tg is not None
+        tg.cancel_scope.cancel()
+        try:
+            await tg.__aexit__(None, None, None)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                try:
+                    await self.membership.leave()
+                except Exception:
+                    pass  # Redis gone: the liveness key expires by itself
+        return None
+
+    # --- public API ------------------------------------------------------------------------
+    @property
+    def incarnation(self) -> str:
+        return self.membership.incarnation
+
+    async def ask(self, session_id: str, command: Command) -> Reply:
+        """Run `command` on the session wherever it lives; raises kairos.errors.*."""
+        return await self.router.ask(session_id, command)
+
+    async def get(self, session_id: str) -> Session:
+        """The session's current (last durable) state; SessionNotFound if there is none."""
+        actor = self.local_actor(session_id)
+        if actor is not None and actor.state is not None:
+            return actor.state
+        raw = await self.scripts.do_load_checkpoint(session_id)
+        if raw is not None:
+            return codec.decode(raw)
+        if self.restore is not None:
+            state = await self.restore(session_id)
+            if state is not None:
+                return state
+        raise SessionNotFound(session_id)
+
+    async def instances(self) -> list[dict[str, Any]]:
+        """Live instances: instance_id, incarnation, draining, actors."""
+        return await self.membership.instances()
+
+    def actor_count(self) -> int:
+        """Actors live on this host."""
+        return len(self._actors)
+
+    async def drain(self) -> None:
+        """Hand every lease to other instances (issue 5)."""
+        raise NotImplementedError("drain arrives with issue 5")
+
+    async def ping(self) -> None:
+        """Raise if Redis is unreachable (for /ready)."""
+        await self.redis.ping()
+
+    def wake_timers(self) -> None:
+        """Re-check deadlines and idle actors now (after an injected clock moved)."""
+        self.timers.poke()
+
+    # --- for the router and the actors (actors.actor.Runtime) ------------------------------
+    def clock(self) -> int:
+        return self._clock()
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        assert self._tg is not None, "Host not started"
+        self._tg.start_soon(fn)
+
+    def local_actor(self, session_id: str) -> Actor | None:
+        """The local actor, unless our liveness may have lapsed (then memory is not trusted)."""
+        actor = self._actors.get(session_id)
+        if actor is None or not self.membership.trusted():
+            return None
+        return actor
+
+    def activate(self, session_id: str, lease: Lease, checkpoint: bytes | None, reason: str) -> Actor:
+        """Start the actor for a session we just claimed (replacing any stale one)."""
+        state = codec.decode(checkpoint) if checkpoint is not None else None
+        old = self._actors.get(session_id)
+        if old is not None:
+            old.close()
+        actor = Actor(self, session_id, lease, state)
+        self._actors[session_id] = actor
+        actor.start()
+        self._activations += 1
+        if self._activations % _FREEZE_EVERY == 0:
+            gc.freeze()
+        return actor
+
+    def on_closed(self, actor: Actor) -> None:
+        if self._actors.get(actor.session_id) is actor:
+            del self._actors[actor.session_id]
+
+    async def on_liveness_lost(self, incarnation: str) -> None:
+        await self.membership.lost(incarnation)
+
+    def claim_lock(self, session_id: str) -> _ClaimLock:
+        """Serialises claims of one session within this host (claims elsewhere are fenced)."""
+        return _ClaimLock(self._locks, session_id)
+
+    # --- internals -------------------------------------------------------------------------
+    def _info(self) -> dict[str, Any]:
+        return {"draining": self.draining, "actors": len(self._actors)}
+
+    async def _stop_incarnation(self, incarnation: str) -> None:
+        for actor in list(self._actors.values()):
+            if actor.lease.incarnation == incarnation:
+                actor.close()
+
+
+class _ClaimLock:
+    """A per-session lock that exists only while someone holds or waits for it."""
+
+    __slots__ = ("_locks", "_sid", "_entry")
+
+    def __init__(self, locks: dict[str, tuple[anyio.Lock, list[int]]], session_id: str) -> None:
+        self._locks = locks
+        self._sid = session_id
+
+    async def __aenter__(self) -> None:
+        entry = self._locks.get(self._sid)
+        if entry is None:
+            entry = self._locks[self._sid] = (anyio.Lock(), [0])
+        entry[1][0] += 1
+        self._entry = entry
+        try:
+            await entry[0].acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._entry[0].release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self._entry[1][0] -= 1
+        if self._entry[1][0] == 0 and self._locks.get(self._sid) is self._entry:
+            del self._locks[self._sid]

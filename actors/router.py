@@ -1,0 +1,229 @@
+"""The command router: local mailbox, or claim-or-forward to the owner over Redis, with retries.
+
+Forwarding protocol (msgpack): the asker RPUSHes `{r: request id, s: session id, a: reply
+channel, c: command}` onto the owner's inbox (inside the claim-or-forward script, so routing costs
+one round trip); the owner's inbox loop runs the command and PUBLISHes `{r, k, ...}` on the reply
+channel, `k` = 0 ok (`st` checkpoint bytes or nil, `o` outcome, `t` server ms), 1 error (`e` =
+`KairosError.to_dict()`), 2 MOVED (not the owner any more: route again). Retries (timeout, MOVED,
+dead owner) reuse the same request id and `command_id` (one is assigned if the caller gave none),
+so the core's idempotency window makes them safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import fields, replace
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgpack
+
+from actors.actor import Lease, Moved, Reply
+from kairos import codec
+from kairos.commands import (
+    Cancel,
+    Command,
+    Complete,
+    Create,
+    Delete,
+    ParticipantSpec,
+    Pause,
+    Resume,
+    Start,
+    Switch,
+)
+from kairos.errors import KairosError, Unavailable
+
+if TYPE_CHECKING:
+    from actors.host import Host
+
+log = logging.getLogger(__name__)
+
+_COMMANDS: dict[str, type] = {
+    c.__name__: c for c in (Create, Start, Switch, Pause, Resume, Complete, Cancel, Delete)
+}
+
+# claim-or-forward reply codes (see actors.keys.CLAIM_OR_FORWARD)
+CLAIMED, FORWARDED, OWNED_ELSEWHERE, UNOWNED, MINE, NOT_ALIVE = 1, 2, 3, 4, 5, -1
+REPLY_OK, REPLY_ERROR, REPLY_MOVED = 0, 1, 2
+_MAX_HINTS = 100_000
+
+
+def encode_command(command: Command) -> dict[str, Any]:
+    """Plain dict form of a command (for the inbox)."""
+    d: dict[str, Any] = {f.name: getattr(command, f.name) for f in fields(command) if f.init}
+    if isinstance(command, Create):
+        d["participants"] = [{f.name: getattr(p, f.name) for f in fields(p)} for p in command.participants]
+    d["_t"] = type(command).__name__
+    return d
+
+
+def decode_command(d: dict[str, Any]) -> Command:
+    """Inverse of `encode_command`."""
+    d = dict(d)
+    cls = _COMMANDS[d.pop("_t")]
+    if cls is Create:
+        d["participants"] = tuple(ParticipantSpec(**p) for p in d["participants"])
+    return cls(**d)
+
+
+class _Waiter:
+    __slots__ = ("done", "msg")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.msg: dict[str, Any] | None = None
+
+
+class Router:
+    """`ask()` for a host: local fast path, else claim-or-forward with retries to a deadline."""
+
+    def __init__(self, host: Host, *, deadline_ms: int, attempt_timeout_ms: int) -> None:
+        self.host = host
+        self.deadline_s = deadline_ms / 1000
+        self.attempt_s = attempt_timeout_ms / 1000
+        # Replies come back on one channel per process (named after the first incarnation).
+        self.reply_channel = host.keys.reply_channel(host.membership.incarnation)
+        self._waiting: dict[str, _Waiter] = {}
+        # session -> owner incarnation last seen; lets concurrent forwards skip the claim lock
+        self._hints: dict[str, str] = {}
+
+    # --- asking ---------------------------------------------------------------------------
+    async def ask(self, session_id: str, command: Command, *, forward: bool = True) -> Reply:
+        """Run `command` on the session's owner. `forward=False` (serving an inbox entry): never
+        forward again; raise Moved if another live instance owns it."""
+        host = self.host
+        stop = time.monotonic() + (self.deadline_s if forward else self.attempt_s)
+        rid: str | None = None
+        payload = b""
+        try:
+            while True:
+                actor = host.local_actor(session_id)
+                if actor is not None:
+                    try:
+                        return await actor.ask(command)
+                    except Moved:
+                        continue
+                left = stop - time.monotonic()
+                if left <= 0:
+                    raise Unavailable("Session owner unreachable, please retry", retry_after=1)
+                inc = host.membership.incarnation
+                if forward and rid is None:
+                    if command.command_id is None:  # retries must be recognisable as such
+                        command = replace(command, command_id=uuid.uuid4().hex)
+                    rid = uuid.uuid4().hex
+                    payload = msgpack.packb({"r": rid, "s": session_id, "a": self.reply_channel,
+                                             "c": encode_command(command)})
+                    self._waiting[rid] = _Waiter()
+                if forward and session_id in self._hints:
+                    r = await host.scripts.do_claim_or_forward(inc, session_id, may_claim=False, payload=payload)
+                else:
+                    async with host.claim_lock(session_id):
+                        if host.local_actor(session_id) is not None:
+                            continue
+                        if forward and session_id in self._hints:
+                            continue  # someone learnt the owner meanwhile: forward without the lock
+                        r = await host.scripts.do_claim_or_forward(
+                            inc, session_id, may_claim=not host.draining, payload=payload)
+                        if r[0] == CLAIMED:
+                            host.activate(session_id, Lease(inc, int(r[1])), r[2], r[3].decode())
+                            continue
+                code = r[0]
+                if code == FORWARDED:
+                    if len(self._hints) >= _MAX_HINTS:
+                        self._hints.clear()
+                    self._hints[session_id] = r[1].decode()
+                    assert rid is not None
+                    reply = await self._await_reply(rid, min(left, self.attempt_s))
+                    if reply is not None:
+                        return reply
+                    self._hints.pop(session_id, None)  # timeout or MOVED: look again
+                elif code == NOT_ALIVE:
+                    await host.membership.lost(inc)
+                elif code == OWNED_ELSEWHERE:
+                    raise Moved(session_id)
+                elif code in (UNOWNED, MINE):
+                    self._hints.pop(session_id, None)
+                    if host.draining:
+                        # Issue 5 hands these to a live instance; until then let the caller retry.
+                        raise Unavailable("Instance draining, please retry", retry_after=1)
+        finally:
+            if rid is not None:
+                self._waiting.pop(rid, None)
+
+    async def _await_reply(self, rid: str, timeout_s: float) -> Reply | None:
+        """The owner's answer, or None on timeout / MOVED (the caller routes again)."""
+        waiter = self._waiting[rid]
+        with anyio.move_on_after(timeout_s):
+            await waiter.done.wait()
+        msg = waiter.msg
+        if msg is None:
+            return None
+        if msg["k"] == REPLY_MOVED:
+            self._waiting[rid] = _Waiter()
+            return None
+        if msg["k"] == REPLY_ERROR:
+            raise KairosError.from_dict(msg["e"])
+        st = msg["st"]
+        return Reply(codec.decode(st) if st is not None else None, msg["o"], msg["t"])
+
+    # --- serving ---------------------------------------------------------------------------
+    async def serve_forwarded(self, raw: bytes) -> None:
+        """Run one inbox entry here and publish the answer on its reply channel."""
+        msg = msgpack.unpackb(raw)
+        rid = msg["r"]
+        try:
+            reply = await self.ask(msg["s"], decode_command(msg["c"]), forward=False)
+            out: dict[str, Any] = {
+                "r": rid, "k": REPLY_OK, "o": reply.outcome, "t": reply.now_ms,
+                "st": codec.encode(reply.state) if reply.state is not None else None,
+            }
+        except Moved:
+            out = {"r": rid, "k": REPLY_MOVED}
+        except KairosError as e:
+            out = {"r": rid, "k": REPLY_ERROR, "e": e.to_dict()}
+        except Exception as e:
+            log.exception("forwarded command failed")
+            out = {"r": rid, "k": REPLY_ERROR, "e": Unavailable(f"Owner failed: {e!r}").to_dict()}
+        await self.host.redis.publish(msg["a"], msgpack.packb(out))
+
+    async def run_inbox(self) -> None:
+        """Pop forwarded commands from our inbox (it follows incarnation changes)."""
+        host = self.host
+        while True:
+            inbox = host.keys.inbox(host.membership.incarnation)
+            try:
+                item = await host.redis.blpop([inbox], timeout=1)
+            except Exception as e:
+                log.warning("inbox read failed: %r", e)
+                await anyio.sleep(0.2)
+                continue
+            if item is not None:
+                raw = item[1]
+                host.spawn(lambda raw=raw: self.serve_forwarded(raw))
+
+    async def run_replies(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Deliver answers published on our reply channel to the asks waiting for them."""
+        pubsub = self.host.redis.pubsub()
+        await pubsub.subscribe(self.reply_channel)
+        task_status.started()
+        try:
+            while True:
+                try:
+                    m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                except Exception as e:
+                    log.warning("reply channel read failed: %r", e)
+                    await anyio.sleep(0.2)
+                    continue
+                if m is None or m.get("type") != "message":
+                    continue
+                msg = msgpack.unpackb(m["data"])
+                waiter = self._waiting.get(msg["r"])
+                if waiter is not None and waiter.msg is None:
+                    waiter.msg = msg
+                    waiter.done.set()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pubsub.aclose()
