@@ -208,6 +208,7 @@ class Subscription:
         self._ids = itertools.count(1)
         self._tg: anyio.abc.TaskGroup | None = None
         self.closed: SubscriptionClosed | None = None
+        self._closing = False
 
     async def __aenter__(self) -> Subscription:
         self._tg = anyio.create_task_group()
@@ -219,9 +220,11 @@ class Subscription:
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> bool | None:
         assert self._tg is not None
-        self._tg.cancel_scope.cancel()
+        self._closing = True
         if self._ws is not None:
-            await self._ws.close()
+            with anyio.move_on_after(2, shield=True):
+                await self._ws.close()
+        self._tg.cancel_scope.cancel()
         return await self._tg.__aexit__(et, e, tb)
 
     async def _open(self) -> None:
@@ -246,7 +249,7 @@ class Subscription:
             except ConnectionClosed as exc:
                 rcvd = exc.rcvd
                 code, reason = (rcvd.code, rcvd.reason) if rcvd is not None else (None, "")
-                if not self.reconnect or code in _FINAL_CODES:
+                if self._closing or not self.reconnect or code in _FINAL_CODES:
                     self.closed = SubscriptionClosed(code, reason)
                     self._fail_pending(self.closed)
                     await self._send.send({"type": "CLOSED", "code": code, "reason": reason})

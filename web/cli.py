@@ -91,6 +91,7 @@ async def _serve(settings: Settings, fd: int | None) -> None:
     config.websocket_ping_interval = settings.ws_heartbeat_s
     config.websocket_max_message_size = settings.ws_max_frame_bytes
     config.accesslog = None  # our own access log (which skips health and metrics)
+    config.loglevel = settings.log_level.upper()
     config.graceful_timeout = max(1.0, settings.drain_timeout_s)
     config.keep_alive_timeout = 75
     stop = anyio.Event()
