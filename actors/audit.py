@@ -1,0 +1,602 @@
+"""The audit trail: outbox entries copied into PostgreSQL exactly once, and the facade the web layer
+uses for everything that lives in PostgreSQL (event history, devices, restore, readiness).
+
+The audit worker is consumer group `audit` on the outbox stream. Each batch is written in one
+transaction (COPY into a temporary table, then INSERT ... SELECT ... ON CONFLICT DO NOTHING, so a
+replayed batch adds nothing) and acknowledged only after the commit. While PostgreSQL is
+unreachable the worker keeps the batch in hand and retries with exponential backoff: the audit is
+delayed, never lost (DESIGN.md invariant 6).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import asyncpg
+import redis.asyncio as aioredis
+from prometheus_client import Counter, Gauge
+from redis.exceptions import RedisError
+
+from actors import migrations
+from actors.consumer import Backoff, Entry, Lag, OutboxConsumer
+from actors.keys import AUDIT_GROUP, Keys
+from kairos.errors import Unavailable
+
+if TYPE_CHECKING:
+    from kairos.session import Session
+
+log = logging.getLogger(__name__)
+
+AUDIT_LAG = Gauge("kairos_audit_lag_seconds", "Age of the oldest outbox entry not yet in PostgreSQL")
+AUDIT_PENDING = Gauge("kairos_audit_pending", "Outbox entries read by the audit but not yet acknowledged")
+AUDIT_BATCHES = Counter("kairos_audit_batches_total", "Batches committed to PostgreSQL")
+AUDIT_ROWS = Counter("kairos_audit_events_total", "Event rows inserted into sync_events")
+AUDIT_DUPLICATES = Counter("kairos_audit_duplicates_total", "Event rows skipped as already stored")
+AUDIT_RETRIES = Counter("kairos_audit_retries_total", "Batch attempts that failed and were retried")
+AUDIT_SKIPPED = Counter("kairos_audit_skipped_total", "Outbox entries that cannot be stored (logged)")
+OUTBOX_RECLAIMED = Counter(
+    "kairos_outbox_reclaimed_total", "Entries taken over from dead consumers", ["group"]
+)
+OUTBOX_TRIMMED = Counter("kairos_outbox_trimmed_total", "Entries trimmed after every group acked")
+
+# One row of sync_events, in this column order (the COPY into the staging table uses it).
+EVENT_COLUMNS = (
+    "session_id", "version", "seq", "event_type", "participant_id", "group_id",
+    "time_remaining_ms", "time_elapsed_ms", "cycle_number", "timestamp", "state_snapshot", "metadata",
+)
+SESSION_COLUMNS = (
+    "session_id", "sync_mode", "owner", "config", "time_per_cycle_ms", "increment_ms",
+    "max_time_ms", "status", "final_status", "created_at", "started_at", "completed_at",
+    "deleted_at", "total_cycles", "total_participants", "last_version", "metadata",
+)
+_CONFIG_KEYS = (
+    "total_time_ms", "time_per_cycle_ms", "increment_ms", "max_time_ms", "expiry_policy",
+    "time_warning_ms", "visibility",
+)
+_TERMINAL = {"expired", "completed", "cancelled"}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Staging tables live per connection and empty themselves at every commit.
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS audit_events_stage (
+    session_id text, version bigint, seq smallint, event_type text, participant_id text,
+    group_id text, time_remaining_ms bigint, time_elapsed_ms bigint, cycle_number integer,
+    "timestamp" timestamptz, state_snapshot jsonb, metadata jsonb
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS audit_sessions_stage (
+    session_id text, sync_mode text, owner text, config jsonb, time_per_cycle_ms bigint,
+    increment_ms bigint, max_time_ms bigint, status text, final_status text,
+    created_at timestamptz, started_at timestamptz, completed_at timestamptz,
+    deleted_at timestamptz, total_cycles integer, total_participants integer,
+    last_version bigint, metadata jsonb
+) ON COMMIT DELETE ROWS;
+"""
+_COLS = ", ".join(f'"{c}"' for c in EVENT_COLUMNS)
+_INSERT_EVENTS = f"""
+INSERT INTO sync_events ({_COLS})
+SELECT {_COLS} FROM audit_events_stage ORDER BY session_id, version, seq
+ON CONFLICT (session_id, version, event_type) DO NOTHING
+"""
+# A summary only moves forward: an older message (a reclaimed entry processed late) changes nothing.
+_KEEP = ("sync_mode", "owner", "config", "time_per_cycle_ms", "increment_ms", "max_time_ms",
+         "status", "final_status", "created_at", "started_at", "completed_at", "deleted_at",
+         "metadata")
+_UPSERT_SESSIONS = f"""
+INSERT INTO sync_sessions AS s ({", ".join(SESSION_COLUMNS)})
+SELECT {", ".join(SESSION_COLUMNS)} FROM audit_sessions_stage
+ON CONFLICT (session_id) DO UPDATE SET
+    {", ".join(f"{c} = COALESCE(EXCLUDED.{c}, s.{c})" for c in _KEEP)},
+    total_cycles = CASE WHEN EXCLUDED.sync_mode IS NULL THEN s.total_cycles ELSE EXCLUDED.total_cycles END,
+    total_participants = CASE WHEN EXCLUDED.sync_mode IS NULL THEN s.total_participants
+                              ELSE EXCLUDED.total_participants END,
+    last_version = EXCLUDED.last_version,
+    updated_at = now()
+WHERE s.last_version < EXCLUDED.last_version
+"""
+_SELECT_EVENTS = """
+SELECT version, seq, event_type, participant_id, group_id, time_remaining_ms, time_elapsed_ms,
+       cycle_number, "timestamp", state_snapshot, metadata
+FROM sync_events WHERE session_id = $1 AND version > $2
+ORDER BY version, seq LIMIT $3
+"""
+_SELECT_VERSION = """
+SELECT version, seq, event_type, participant_id, group_id, time_remaining_ms, time_elapsed_ms,
+       cycle_number, "timestamp", state_snapshot, metadata
+FROM sync_events WHERE session_id = $1 AND version = $2 ORDER BY seq
+"""
+_SELECT_LAST_SNAPSHOT = """
+SELECT state_snapshot FROM sync_events WHERE session_id = $1
+ORDER BY version DESC, seq DESC LIMIT 1
+"""
+
+
+def _transient(error: BaseException) -> bool:
+    """True when retrying later can succeed (PostgreSQL down, restarting, overloaded)."""
+    if isinstance(error, asyncpg.PostgresError):
+        # 22 data exception, 23 integrity violation: the rows themselves are bad; all else
+        # (08 connection, 53 resources, 57 shutdown/restart, 42P01 table missing...) is retried.
+        return (getattr(error, "sqlstate", None) or "")[:2] not in ("22", "23")
+    return True
+
+
+def _when(ms: Any) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(int(ms) / 1000, UTC)
+
+
+def _iso_to_dt(value: Any) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _id(value: Any) -> str | None:
+    return None if value is None else str(value).lower()
+
+
+def event_rows(message: dict[str, Any]) -> list[tuple]:
+    """sync_events rows for one update message (one per event, in emission order)."""
+    session_id = _id(message["session_id"])
+    state = message.get("state")
+    snapshot = None if state is None else json.dumps(state, separators=(",", ":"))
+    groups = {}
+    if state:
+        groups = {_id(p["participant_id"]): p.get("group_id") for p in state.get("participants", ())}
+    rows = []
+    for seq, ev in enumerate(message.get("events") or ()):
+        data = ev.get("data") or {}
+        participant = _id(ev.get("participant_id"))
+        rows.append((
+            session_id,
+            int(ev.get("version", message["version"])),
+            seq,
+            str(ev["type"]),
+            participant,
+            _id(data.get("group_id", groups.get(participant))),
+            _int(data.get("time_remaining_ms")),
+            _int(data.get("time_elapsed_ms")),
+            _int(data.get("cycle_number")),
+            _when(ev.get("at_ms", message.get("server_time_ms"))),
+            snapshot,
+            json.dumps(data, separators=(",", ":")),
+        ))
+    return rows
+
+
+def session_row(message: dict[str, Any]) -> tuple:
+    """The sync_sessions summary row for one update message (None fields keep stored values)."""
+    session_id = _id(message["session_id"])
+    version = int(message["version"])
+    state = message.get("state")
+    if state is None:  # deleted: only the deletion itself is known
+        deleted = _when(message.get("server_time_ms"))
+        return (session_id, None, None, None, None, None, None, "deleted", None, None, None, None,
+                deleted, 0, 0, version, None)
+    participants = state.get("participants") or []
+    status = state.get("status")
+    config = {k: state[k] for k in _CONFIG_KEYS if k in state}
+    metadata = state.get("metadata")
+    return (
+        session_id,
+        state.get("sync_mode"),
+        state.get("owner"),
+        json.dumps(config),
+        _int(state.get("time_per_cycle_ms")),
+        _int(state.get("increment_ms")),
+        _int(state.get("max_time_ms")),
+        status,
+        status if status in _TERMINAL else None,
+        _iso_to_dt(state.get("created_at")),
+        _iso_to_dt(state.get("session_started_at")),
+        _iso_to_dt(state.get("session_completed_at")),
+        None,
+        sum(int(p.get("cycle_count") or 0) for p in participants),
+        len(participants),
+        version,
+        None if metadata is None else json.dumps(metadata),
+    )
+
+
+def _rows_for(entries: list[Entry]) -> tuple[list[tuple], list[tuple]]:
+    """Event rows and one summary row per session (its newest message) for a batch."""
+    rows: list[tuple] = []
+    latest: dict[str, tuple] = {}
+    for entry in entries:
+        message = entry.message
+        assert message is not None
+        rows.extend(event_rows(message))
+        summary = session_row(message)
+        held = latest.get(summary[0])
+        if held is None or held[15] < summary[15]:
+            latest[summary[0]] = summary
+    return rows, list(latest.values())
+
+
+async def prepare_connection(conn: asyncpg.Connection) -> None:
+    """Create the per-connection staging tables used by `write_batch`."""
+    await conn.execute(_STAGING)
+
+
+async def write_batch(conn: asyncpg.Connection, entries: list[Entry]) -> tuple[int, int]:
+    """Store a batch in one transaction; returns (rows inserted, rows already present)."""
+    rows, sessions = _rows_for(entries)
+    async with conn.transaction():
+        if rows:
+            await conn.copy_records_to_table("audit_events_stage", records=rows, columns=EVENT_COLUMNS)
+            status = await conn.execute(_INSERT_EVENTS)
+        else:
+            status = "INSERT 0 0"
+        if sessions:
+            await conn.copy_records_to_table(
+                "audit_sessions_stage", records=sessions, columns=SESSION_COLUMNS
+            )
+            await conn.execute(_UPSERT_SESSIONS)
+    inserted = int(status.rsplit(" ", 1)[-1])
+    return inserted, len(rows) - inserted
+
+
+class AuditWorker:
+    """Consumer `consumer` of group `audit`: outbox -> sync_events/sync_sessions (see module doc)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        database_url: str,
+        consumer: str,
+        *,
+        migrate: bool = True,
+        batch_size: int = 1000,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 30_000,
+        housekeeping_s: float = 1.0,
+        backoff_cap_s: float = 2.0,
+    ) -> None:
+        self.outbox = OutboxConsumer(
+            redis, keys, AUDIT_GROUP, consumer, start_id="0", batch_size=batch_size,
+            block_ms=block_ms, claim_idle_ms=claim_idle_ms,
+        )
+        self.database_url = database_url
+        self.migrate = migrate
+        self.housekeeping_s = housekeeping_s
+        self.backoff_cap_s = backoff_cap_s
+        self._conn: asyncpg.Connection | None = None
+        self._next_housekeeping = 0.0
+        self._reported_reclaimed = 0
+        self.stored = 0  # rows inserted by this worker (bench and tests read it)
+
+    async def run(self) -> None:
+        """Consume forever (until cancelled); never raises on Redis or PostgreSQL outages."""
+        backoff = Backoff(cap_s=self.backoff_cap_s)
+        while True:
+            try:
+                await self.outbox.ensure_group()
+                break
+            except (RedisError, OSError) as e:
+                log.warning("audit: cannot create consumer group yet: %s", e)
+                await backoff.wait()
+        backoff.reset()
+        try:
+            while True:
+                try:
+                    batch = await self.outbox.next_batch()
+                except (RedisError, OSError) as e:
+                    log.warning("audit: outbox read failed: %s", e)
+                    await backoff.wait()
+                    continue
+                backoff.reset()
+                if batch:
+                    await self._store(batch)
+                    await self._ack([e.id for e in batch])
+                await self._housekeeping()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_connection()
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            conn = await asyncpg.connect(self.database_url, timeout=5, command_timeout=30)
+            try:
+                if self.migrate:
+                    await migrations.migrate_connection(conn)
+                await prepare_connection(conn)
+            except BaseException:
+                await conn.close(timeout=1)
+                raise
+            self._conn = conn
+        return self._conn
+
+    async def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close(timeout=1)
+            except Exception:  # a dead connection: nothing left to close politely
+                conn.terminate()
+
+    async def _store(self, batch: list[Entry]) -> None:
+        """Write the batch, retrying while PostgreSQL is unreachable; unreadable entries are
+        logged and skipped (they can never be stored, and must not block the ones behind)."""
+        readable = []
+        for entry in batch:
+            if entry.message is None:
+                AUDIT_SKIPPED.inc()
+                log.error("audit: outbox entry %s is not an update message; skipped", entry.id)
+            else:
+                readable.append(entry)
+        backoff = Backoff(cap_s=self.backoff_cap_s)
+        while readable:
+            try:
+                conn = await self._connection()
+                inserted, duplicates = await write_batch(conn, readable)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                # Malformed message content: find the culprits one by one.
+                log.error("audit: batch has a malformed message (%r); storing one by one", e)
+                await self._store_one_by_one(readable)
+                return
+            except Exception as e:
+                if not _transient(e):
+                    log.error("audit: batch rejected by PostgreSQL (%r); storing one by one", e)
+                    await self._store_one_by_one(readable)
+                    return
+                AUDIT_RETRIES.inc()
+                if backoff.attempt == 0:
+                    log.warning("audit: PostgreSQL unavailable, retrying with backoff: %r", e)
+                await self._close_connection()
+                await self._keep(readable)
+                await backoff.wait()
+                continue
+            AUDIT_BATCHES.inc()
+            AUDIT_ROWS.inc(inserted)
+            AUDIT_DUPLICATES.inc(duplicates)
+            self.stored += inserted
+            if backoff.attempt:
+                log.info("audit: PostgreSQL back after %d retries", backoff.attempt)
+            return
+
+    async def _store_one_by_one(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            try:
+                conn = await self._connection()
+                inserted, duplicates = await write_batch(conn, [entry])
+            except Exception as e:
+                if _transient(e) and not isinstance(e, (KeyError, TypeError, ValueError, AttributeError)):
+                    # PostgreSQL went away meanwhile: back to the batch path (retries forever).
+                    await self._close_connection()
+                    await self._store([entry])
+                    continue
+                AUDIT_SKIPPED.inc()
+                log.error("audit: outbox entry %s cannot be stored (%r); skipped", entry.id, e)
+                continue
+            AUDIT_ROWS.inc(inserted)
+            AUDIT_DUPLICATES.inc(duplicates)
+            self.stored += inserted
+
+    async def _keep(self, entries: list[Entry]) -> None:
+        try:
+            await self.outbox.keep([e.id for e in entries])
+        except (RedisError, OSError) as e:
+            log.warning("audit: could not refresh claim on in-flight entries: %s", e)
+
+    async def _ack(self, ids: list[str]) -> None:
+        backoff = Backoff(cap_s=self.backoff_cap_s)
+        while True:
+            try:
+                await self.outbox.ack(ids)
+                return
+            except (RedisError, OSError) as e:
+                # Unacked entries would only be stored again (idempotently); keep trying a while.
+                log.warning("audit: ack failed: %s", e)
+                if backoff.attempt >= 8:
+                    return
+                await backoff.wait()
+
+    async def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + self.housekeeping_s
+        try:
+            trimmed = await self.outbox.trim()
+            OUTBOX_TRIMMED.inc(trimmed)
+            lag = await self.outbox.lag()
+        except (RedisError, OSError) as e:
+            log.warning("audit: housekeeping failed: %s", e)
+            return
+        AUDIT_PENDING.set(lag.pending)
+        AUDIT_LAG.set(lag.oldest_age_ms / 1000)
+        fresh = self.outbox.reclaimed - self._reported_reclaimed
+        if fresh:
+            OUTBOX_RECLAIMED.labels(AUDIT_GROUP).inc(fresh)
+            self._reported_reclaimed = self.outbox.reclaimed
+
+    async def lag(self) -> Lag:
+        """The audit group's current lag."""
+        return await self.outbox.lag()
+
+
+class AuditServices:
+    """Everything PostgreSQL-backed, as one `async with` lifetime: the audit worker and (when
+    `fcm_credentials` is set) the push worker run in its task group; the methods serve the API."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        key_prefix: str,
+        database_url: str,
+        consumer: str,
+        fcm_credentials: str | None = None,
+        fcm_endpoint: str | None = None,
+        migrate: bool = True,
+        batch_size: int = 1000,
+        claim_idle_ms: int = 30_000,
+        push_claim_idle_ms: int = 30_000,
+        backoff_cap_s: float = 2.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = Keys(key_prefix)
+        self.database_url = database_url
+        self.consumer = consumer
+        self.fcm_credentials = fcm_credentials
+        self.fcm_endpoint = fcm_endpoint
+        self.migrate = migrate
+        self.worker = AuditWorker(
+            redis, self.keys, database_url, consumer, migrate=migrate, batch_size=batch_size,
+            claim_idle_ms=claim_idle_ms, backoff_cap_s=backoff_cap_s,
+        )
+        self.push_claim_idle_ms = push_claim_idle_ms
+        self.push: Any = None  # actors.push.PushWorker when push is on
+        self._pool: asyncpg.Pool | None = None
+        self._stack: AsyncExitStack | None = None
+
+    async def __aenter__(self) -> AuditServices:
+        from actors.push import Devices, PushWorker
+
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            # min_size=0: the service starts (and serves Redis-only routes) while PostgreSQL is down.
+            self._pool = await asyncpg.create_pool(
+                self.database_url, min_size=0, max_size=4, timeout=5, command_timeout=10
+            )
+            stack.push_async_callback(self._pool.close)
+            if self.migrate:
+                try:
+                    applied = await migrations.migrate(self.database_url)
+                    if applied:
+                        log.info("audit: applied migrations %s", applied)
+                except Exception as e:
+                    if not _transient(e):
+                        raise
+                    log.warning("audit: PostgreSQL unreachable at start (%r); the worker migrates later", e)
+            self.devices = Devices(self._pool)
+            if self.fcm_credentials:
+                self.push = PushWorker(
+                    self.redis, self.keys, self.devices, self.consumer,
+                    credentials=self.fcm_credentials, endpoint=self.fcm_endpoint,
+                    claim_idle_ms=self.push_claim_idle_ms,
+                )
+                await stack.enter_async_context(self.push)
+            else:
+                log.info("push notifications off (KAIROS_FCM_CREDENTIALS unset)")
+            tg = await stack.enter_async_context(anyio.create_task_group())
+            stack.callback(tg.cancel_scope.cancel)  # runs first on exit: stop the workers
+            tg.start_soon(self.worker.run)
+            if self.push is not None:
+                tg.start_soon(self.push.run)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            # Not handing `exc` on: the body's own exception then propagates as itself instead of
+            # being wrapped into the task group's ExceptionGroup.
+            await stack.aclose()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("AuditServices used outside its `async with`")
+        return self._pool
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        try:
+            return await self._require_pool().fetch(sql, *args)
+        except Exception as e:
+            if _transient(e) and not isinstance(e, RuntimeError):
+                raise Unavailable("Audit database unavailable", retry_after=2) from e
+            raise
+
+    async def events(self, session_id: str, after_version: int | None, limit: int = 500) -> list[dict]:
+        """The session's audited events, oldest first, with version > `after_version`.
+
+        A page never splits one version's events (so `after_version` = the last version seen is
+        a correct cursor); it may exceed `limit` only when a single version has more events.
+        Each item: `session_id`, `version`, `type`, `timestamp` (ISO), `at_ms`, `data`, `state`
+        (the session after the change, null when deleted) and, when known, `participant_id`,
+        `group_id`, `time_remaining_ms`, `time_elapsed_ms`, `cycle_number`.
+        """
+        sid = session_id.lower()
+        after = -1 if after_version is None else int(after_version)
+        limit = max(1, int(limit))
+        rows = await self._fetch(_SELECT_EVENTS, sid, after, limit + 1)
+        if len(rows) > limit:
+            cut = rows[limit - 1]["version"]
+            if rows[limit]["version"] == cut:
+                kept = [r for r in rows[:limit] if r["version"] != cut]
+                rows = kept or await self._fetch(_SELECT_VERSION, sid, cut)
+            else:
+                rows = rows[:limit]
+        return [_event_json(sid, r) for r in rows]
+
+    async def register_device(self, sub: str, token: str, platform: str) -> None:
+        """Register (or move to `sub`) a push token."""
+        try:
+            await self.devices.register(sub, token, platform)
+        except Exception as e:
+            raise _unavailable_or(e) from e
+
+    async def delete_device(self, sub: str, token: str) -> None:
+        """Forget `sub`'s push token (no-op when unknown or someone else's)."""
+        try:
+            await self.devices.delete(sub, token)
+        except Exception as e:
+            raise _unavailable_or(e) from e
+
+    async def restore(self, session_id: str) -> Session | None:
+        """The last audited snapshot of the session (None if never audited or deleted), with
+        `metadata.restored_from_audit = True` so clients can tell."""
+        from kairos.wire import session_from_json
+
+        rows = await self._fetch(_SELECT_LAST_SNAPSHOT, session_id.lower())
+        if not rows or rows[0]["state_snapshot"] is None:
+            return None
+        state = session_from_json(json.loads(rows[0]["state_snapshot"]))
+        state.metadata = {**(state.metadata or {}), "restored_from_audit": True}
+        return state
+
+    async def ping(self) -> None:
+        """Raise `Unavailable` unless PostgreSQL answers."""
+        await self._fetch("SELECT 1")
+
+    async def lag(self) -> Lag:
+        """The audit group's lag (pending count, oldest unacknowledged entry and its age)."""
+        return await self.worker.lag()
+
+
+def _unavailable_or(error: Exception) -> Exception:
+    if _transient(error):
+        return Unavailable("Audit database unavailable", retry_after=2)
+    return error
+
+
+def _event_json(session_id: str, row: asyncpg.Record) -> dict[str, Any]:
+    from kairos.wire import iso_ms
+
+    at_ms = (row["timestamp"] - _EPOCH) // timedelta(milliseconds=1)
+    out: dict[str, Any] = {
+        "session_id": session_id,
+        "version": row["version"],
+        "type": row["event_type"],
+        "timestamp": iso_ms(at_ms),
+        "at_ms": at_ms,
+    }
+    for key in ("participant_id", "group_id", "time_remaining_ms", "time_elapsed_ms", "cycle_number"):
+        if row[key] is not None:
+            out[key] = row[key]
+    out["data"] = json.loads(row["metadata"]) if row["metadata"] is not None else {}
+    out["state"] = json.loads(row["state_snapshot"]) if row["state_snapshot"] is not None else None
+    return out

@@ -1,0 +1,238 @@
+"""One consumer of one consumer group on the outbox stream, shared by the audit and push workers.
+
+At-least-once delivery: an entry is acknowledged only after its work is done; entries left pending
+by a dead consumer are reclaimed with XAUTOCLAIM once idle for `claim_idle_ms`; a live consumer
+that is still retrying a batch refreshes its claim so nobody steals it. Trimming removes only the
+entries that every group on the stream has acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from actors.keys import Keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Entry:
+    """One outbox entry: its stream id and the decoded update message (None when unreadable)."""
+
+    id: str
+    message: dict[str, Any] | None
+
+
+@dataclass(slots=True)
+class Lag:
+    """How far a group is behind: entries delivered but not yet acknowledged, and the oldest
+    entry the group has not acknowledged (delivered or not) with its age; None when caught up."""
+
+    pending: int
+    oldest_id: str | None
+    oldest_age_ms: int
+
+
+class Backoff:
+    """Exponential backoff with jitter: 0.1 s, 0.2 s, ... capped; `reset()` after a success."""
+
+    def __init__(self, first_s: float = 0.1, cap_s: float = 5.0) -> None:
+        self.first_s = first_s
+        self.cap_s = cap_s
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        """The delay before the next attempt (grows until the cap)."""
+        delay = min(self.cap_s, self.first_s * (2**self.attempt))
+        self.attempt += 1
+        return delay * random.uniform(0.8, 1.0)
+
+    async def wait(self) -> None:
+        """Sleep for the next delay."""
+        await anyio.sleep(self.next_delay())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _id_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+def _after(entry_id: str) -> str:
+    """The smallest stream id greater than `entry_id`."""
+    ms, seq = entry_id.split("-", 1)
+    return f"{ms}-{int(seq) + 1}"
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-", 1)
+    return int(ms), int(seq)
+
+
+def decode_entry(entry_id: Any, fields: dict | None) -> Entry:
+    """Decode a raw stream entry (field `m` = update message JSON); garbage decodes to None."""
+    eid = _s(entry_id)
+    if not fields:
+        return Entry(eid, None)
+    raw = fields.get(b"m", fields.get("m"))
+    try:
+        message = json.loads(raw) if raw is not None else None
+    except (ValueError, TypeError):
+        message = None
+    return Entry(eid, message if isinstance(message, dict) else None)
+
+
+class OutboxConsumer:
+    """Consumer `consumer` of group `group` on the outbox stream (see module docstring).
+
+    `start_id` is where a newly created group starts: "0" (everything still in the stream, for
+    the audit) or "$" (only what arrives from now on, for push: stale notifications are useless).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        group: str,
+        consumer: str,
+        *,
+        start_id: str = "0",
+        batch_size: int = 500,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 30_000,
+    ) -> None:
+        self.redis = redis
+        self.stream = keys.outbox
+        self.group = group
+        self.consumer = consumer
+        self.start_id = start_id
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self._own_pending_done = False  # our own pending entries (same name, earlier run) re-read
+        self._claim_cursor = "0-0"
+        self._next_claim_at = 0.0
+        self.reclaimed = 0  # entries taken over from other consumers (for metrics and tests)
+
+    async def ensure_group(self) -> None:
+        """Create the group (and the stream) if missing; an existing group is left as it is."""
+        try:
+            await self.redis.xgroup_create(self.stream, self.group, id=self.start_id, mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def next_batch(self) -> list[Entry]:
+        """The next entries to work on: reclaimed idle ones first, then our own pending ones
+        (after a restart under the same name), then new ones (blocking up to `block_ms`)."""
+        try:
+            return await self._next_batch()
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            # The stream (or group) was deleted under us: recreate and carry on.
+            await self.ensure_group()
+            return []
+
+    async def _next_batch(self) -> list[Entry]:
+        now = time.monotonic()
+        if now >= self._next_claim_at:
+            self._next_claim_at = now + max(0.2, self.claim_idle_ms / 2000)
+            claimed = await self._autoclaim()
+            if claimed:
+                return claimed
+        if not self._own_pending_done:
+            entries = await self._read("0", block=None)
+            if entries:
+                return entries
+            self._own_pending_done = True
+        return await self._read(">", block=self.block_ms)
+
+    async def _read(self, from_id: str, block: int | None) -> list[Entry]:
+        reply = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: from_id}, count=self.batch_size, block=block
+        )
+        out: list[Entry] = []
+        for _stream, items in reply or []:
+            out.extend(decode_entry(eid, fields) for eid, fields in items)
+        return out
+
+    async def _autoclaim(self) -> list[Entry]:
+        reply = await self.redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self.batch_size,
+        )
+        cursor, items = _s(reply[0]), reply[1]
+        self._claim_cursor = cursor
+        entries = [decode_entry(eid, fields) for eid, fields in items]
+        if entries:
+            self.reclaimed += len(entries)
+            log.info("outbox %s: reclaimed %d idle entries", self.group, len(entries))
+        return entries
+
+    async def ack(self, ids: list[str]) -> None:
+        """Acknowledge finished entries."""
+        if ids:
+            await self.redis.xack(self.stream, self.group, *ids)
+
+    async def keep(self, ids: list[str]) -> None:
+        """Reset the idle time of entries still in hand (a batch being retried), so other
+        consumers' XAUTOCLAIM does not take them from a consumer that is alive."""
+        if ids:
+            await self.redis.xclaim(
+                self.stream, self.group, self.consumer, min_idle_time=0, message_ids=ids, justid=True
+            )
+
+    async def _group_floor(self, info: dict) -> str:
+        """The smallest id this group has not acknowledged (everything below is done)."""
+        name = _s(info["name"])
+        floor = _after(_s(info["last-delivered-id"]))
+        if int(info.get("pending", 0)):
+            summary = await self.redis.xpending(self.stream, name)
+            if summary and summary.get("min"):
+                floor = min(floor, _s(summary["min"]), key=_id_key)
+        return floor
+
+    async def _groups(self) -> list[dict]:
+        try:
+            return list(await self.redis.xinfo_groups(self.stream))
+        except ResponseError:  # no stream yet
+            return []
+
+    async def trim(self) -> int:
+        """Trim the entries every group has acknowledged; returns how many were removed."""
+        groups = await self._groups()
+        if not groups:
+            return 0
+        floors = [await self._group_floor(g) for g in groups]
+        return int(await self.redis.xtrim(self.stream, minid=min(floors, key=_id_key), approximate=False))
+
+    async def lag(self) -> Lag:
+        """This group's lag (see `Lag`)."""
+        groups = {_s(g["name"]): g for g in await self._groups()}
+        info = groups.get(self.group)
+        pending = 0 if info is None else int(info.get("pending", 0))
+        floor = "-" if info is None else await self._group_floor(info)  # no group yet: all unread
+        oldest = await self.redis.xrange(self.stream, min=floor, max="+", count=1)
+        if not oldest:
+            return Lag(pending, None, 0)
+        oldest_id = _s(oldest[0][0])
+        return Lag(pending, oldest_id, max(0, int(time.time() * 1000) - _id_ms(oldest_id)))
