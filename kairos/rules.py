@@ -235,7 +235,8 @@ def _switch(d: Draft, cmd: Switch, now_ms: int) -> None:
     _begin_turn(d, nxt, now_ms)
     d.emit(ev.CYCLE_SWITCHED, now_ms, s.participants[nxt].participant_id,
            previous_participant_id=prev.participant_id, time_elapsed_ms=elapsed,
-           time_remaining_ms=shown_remaining(s, prev), cycle_number=prev.cycle_count)
+           time_remaining_ms=shown_remaining(s, prev), cycle_number=prev.cycle_count,
+           reason="switch")
     _catch_up(d, now_ms)
 
 

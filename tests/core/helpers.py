@@ -28,3 +28,35 @@ def make_create(mode: str = "per_participant", n: int = 2, bank: int = 300_000,
         base["time_per_cycle_ms"] = 10_000
     base.update(kw)
     return Create(**base)
+
+
+def run(state: Any, *steps: tuple[int, Any]) -> Any:
+    """Apply (now_ms, command) steps in order and return the final Result."""
+    from kairos import apply
+
+    result = None
+    for now, cmd in steps:
+        result = apply(state, cmd, now)
+        state = result.state
+    return result
+
+
+def session_in(status: str, mode: str = "per_participant", **kw: Any) -> Any:
+    """A session brought to `status` by real commands at T0..T0+2000."""
+    from kairos import Cancel, Complete, Pause, Start, Tick, apply
+
+    s = apply(None, make_create(mode, **kw), T0).state
+    if status == "pending":
+        return s
+    s = apply(s, Start(), T0 + 1000).state
+    if status == "running":
+        return s
+    if status == "paused":
+        return apply(s, Pause(), T0 + 2000).state
+    if status == "completed":
+        return apply(s, Complete(), T0 + 2000).state
+    if status == "cancelled":
+        return apply(s, Cancel(), T0 + 2000).state
+    assert status == "expired"
+    deadline = T0 + 1000 + s.participants[0].total_time_ms
+    return apply(s, Tick(), deadline).state
