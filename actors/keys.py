@@ -13,9 +13,14 @@ name inside Lua from the prefix with the same spelling as `Keys.liveness` / `Key
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     import redis.asyncio
 
 # Checkpoints (and leases) live at least as long as the longest allowed session (48 h), refreshed
@@ -200,18 +205,35 @@ return 1
 """
 
 
+# Pool connections left for the long-lived readers (inbox BLPOP, reply pub/sub, renewal, spare).
+_RESERVED_CONNECTIONS = 4
+
+
 class Scripts:
-    """The scripts registered on one client, and the few plain commands that touch our keys."""
+    """The scripts registered on one client, and the few plain commands that touch our keys.
+
+    Calls wait for a free pool connection instead of failing: redis-py's default pool raises
+    "Too many connections" past `max_connections` (100), and a burst of concurrent commands on one
+    host (e.g. hundreds of forwards) must queue, not error."""
 
     def __init__(self, redis: redis.asyncio.Redis, keys: Keys) -> None:
         self.redis = redis
         self.keys = keys
+        self._slots = max(1, getattr(redis.connection_pool, "max_connections", 100) - _RESERVED_CONNECTIONS)
+        self._limiter: anyio.CapacityLimiter | None = None
         self._join = redis.register_script(JOIN)
         self._list = redis.register_script(LIST_INSTANCES)
         self._claim = redis.register_script(CLAIM_OR_FORWARD)
         self._write = redis.register_script(FENCED_WRITE)
         self._delete = redis.register_script(FENCED_DELETE)
         self._release = redis.register_script(RELEASE)
+
+    @asynccontextmanager
+    async def _connection_slot(self) -> AsyncIterator[None]:
+        if self._limiter is None:  # created lazily: needs a running event loop
+            self._limiter = anyio.CapacityLimiter(self._slots)
+        async with self._limiter:
+            yield
 
     # membership
     async def do_join(self, incarnation: str, info: bytes, ttl_ms: int) -> bool:
@@ -237,10 +259,11 @@ class Scripts:
     ) -> list[Any]:
         """See CLAIM_OR_FORWARD for the reply shapes."""
         k = self.keys
-        return await self._claim(
-            keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id)],
-            args=[incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS],
-        )
+        async with self._connection_slot():
+            return await self._claim(
+                keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id)],
+                args=[incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS],
+            )
 
     async def do_fenced_write(
         self, incarnation: str, epoch: int, session_id: str, checkpoint: bytes, message: bytes,
@@ -248,27 +271,41 @@ class Scripts:
     ) -> int:
         """Write checkpoint + outbox + publish + deadline if I still hold the lease: 1 / 0 / -1."""
         k = self.keys
-        return await self._write(
-            keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines],
-            args=[incarnation, epoch, checkpoint, CHECKPOINT_TTL_MS, message, k.channel(session_id),
-                  session_id, "" if deadline_ms is None else deadline_ms],
-        )
+        async with self._connection_slot():
+            return await self._write(
+                keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines],
+                args=[incarnation, epoch, checkpoint, CHECKPOINT_TTL_MS, message, k.channel(session_id),
+                      session_id, "" if deadline_ms is None else deadline_ms],
+            )
 
     async def do_fenced_delete(self, incarnation: str, epoch: int, session_id: str, message: bytes) -> int:
         """Delete checkpoint, release lease, outbox + publish the deletion: 1 / 0 / -1."""
         k = self.keys
-        return await self._delete(
-            keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines],
-            args=[incarnation, epoch, message, k.channel(session_id), session_id],
-        )
+        async with self._connection_slot():
+            return await self._delete(
+                keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines],
+                args=[incarnation, epoch, message, k.channel(session_id), session_id],
+            )
 
     async def do_release(self, incarnation: str, epoch: int, session_id: str) -> bool:
         """Release the lease if it is still mine (passivation, drain)."""
-        return bool(await self._release(keys=[self.keys.lease(session_id)], args=[incarnation, epoch]))
+        async with self._connection_slot():
+            return bool(await self._release(keys=[self.keys.lease(session_id)], args=[incarnation, epoch]))
 
     async def do_load_checkpoint(self, session_id: str) -> bytes | None:
         """The stored checkpoint bytes (reads for `get` on a session owned elsewhere)."""
-        return await self.redis.get(self.keys.checkpoint(session_id))
+        async with self._connection_slot():
+            return await self.redis.get(self.keys.checkpoint(session_id))
+
+    async def do_reply(self, channel: str, data: bytes) -> None:
+        """Answer a forwarded command on the asker's reply channel."""
+        async with self._connection_slot():
+            await self.redis.publish(channel, data)
+
+    async def do_pop_inbox(self, incarnation: str, timeout_s: int) -> bytes | None:
+        """Next forwarded command for `incarnation`, waiting up to `timeout_s` (BLPOP)."""
+        item = await self.redis.blpop([self.keys.inbox(incarnation)], timeout=timeout_s)
+        return None if item is None else item[1]
 
     async def do_read_lease(self, session_id: str) -> tuple[str, int]:
         """(owner incarnation or "", epoch) — for admin views and tests."""

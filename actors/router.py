@@ -187,21 +187,19 @@ class Router:
         except Exception as e:
             log.exception("forwarded command failed")
             out = {"r": rid, "k": REPLY_ERROR, "e": Unavailable(f"Owner failed: {e!r}").to_dict()}
-        await self.host.redis.publish(msg["a"], msgpack.packb(out))
+        await self.host.scripts.do_reply(msg["a"], msgpack.packb(out))
 
     async def run_inbox(self) -> None:
         """Pop forwarded commands from our inbox (it follows incarnation changes)."""
         host = self.host
         while True:
-            inbox = host.keys.inbox(host.membership.incarnation)
             try:
-                item = await host.redis.blpop([inbox], timeout=1)
+                raw = await host.scripts.do_pop_inbox(host.membership.incarnation, 1)
             except Exception as e:
                 log.warning("inbox read failed: %r", e)
                 await anyio.sleep(0.2)
                 continue
-            if item is not None:
-                raw = item[1]
+            if raw is not None:
                 host.spawn(lambda raw=raw: self.serve_forwarded(raw))
 
     async def run_replies(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

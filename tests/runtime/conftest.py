@@ -52,10 +52,10 @@ def create_command(session_id: str, *, n: int = 2, bank_ms: int = 60_000, mode: 
     return Create(session_id=session_id, sync_mode=mode, participants=participants, owner="alice", **extra)
 
 
-async def wait_for(predicate: Callable[[], Any | Awaitable[Any]], timeout: float = 5.0,
+async def wait_for(predicate: Callable[[], Any | Awaitable[Any]], within: float = 5.0,
                    what: str = "condition") -> Any:
-    """Poll `predicate` (sync or async) until truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    """Poll `predicate` (sync or async) until truthy; fail the test after `within` seconds."""
+    deadline = time.monotonic() + within
     while True:
         value = predicate()
         if inspect.isawaitable(value):

@@ -40,7 +40,7 @@ async def test_concurrent_claims_give_one_owner_per_epoch(redis: Any, key_prefix
     for _round in range(5):
         results: list[tuple[str, list[Any]]] = []
 
-        async def claim(inc: str) -> None:
+        async def claim(inc: str, results: list[tuple[str, list[Any]]] = results) -> None:
             results.append((inc, await scripts.do_claim_or_forward(inc, sid, may_claim=True)))
 
         async with anyio.create_task_group() as tg:
