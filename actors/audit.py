@@ -273,6 +273,7 @@ class AuditWorker:
         self._next_housekeeping = 0.0
         self._reported_reclaimed = 0
         self.stored = 0  # rows inserted by this worker (bench and tests read it)
+        self.retries = 0  # failed batch attempts retried (PostgreSQL unreachable)
 
     async def run(self) -> None:
         """Consume forever (until cancelled); never raises on Redis or PostgreSQL outages."""
@@ -349,6 +350,7 @@ class AuditWorker:
                     await self._store_one_by_one(readable)
                     return
                 AUDIT_RETRIES.inc()
+                self.retries += 1
                 if backoff.attempt == 0:
                     log.warning("audit: PostgreSQL unavailable, retrying with backoff: %r", e)
                 await self._close_connection()
