@@ -130,10 +130,22 @@ class Actor:
         self._rearm(self.rt.clock())
 
     async def ask(self, command: Command) -> Reply:
-        """Queue `command` and wait for its answer. Raises KairosError, or Moved if not owner."""
+        """Run `command` after those queued before it. Raises KairosError, or Moved if not owner."""
+        self.last_used = self.rt.clock()
+        if not self._running and not self._box and not self.closed:
+            # Idle mailbox: the caller runs its own command (no task spawn, no hand-off), shielded
+            # so a cancelled caller can never abandon a write whose outcome is then unknown.
+            self._running = True
+            try:
+                with anyio.CancelScope(shield=True):
+                    return await self._step(command)
+            finally:
+                self._running = False
+                if self._box or (self.state is None and not self.closed):
+                    self._running = True  # others queued meanwhile (or a lease to free): a task
+                    self.rt.spawn(self._run)
         slot = _Slot()
         self._post(command, slot)
-        self.last_used = self.rt.clock()
         await slot.done.wait()
         if slot.error is not None:
             raise slot.error
@@ -198,19 +210,15 @@ class Actor:
                     elif item is _PASSIVATE:
                         await self._passivate()
                     else:
-                        reply = await self._handle(item)
+                        reply = await self._step(item)
                         if slot is not None:
                             slot.reply = reply
                 except (KairosError, Moved) as e:
                     if slot is not None:
                         slot.error = e
-                except Exception as e:
-                    # Unknown outcome (e.g. Redis connection dropped mid-write): our memory may be
-                    # ahead of the checkpoint, so drop the actor; the next ask reloads it.
+                except Exception:
                     log.exception("actor %s failed", self.session_id)
                     self.close()
-                    if slot is not None:
-                        slot.error = Unavailable(f"Session {self.session_id} unavailable: {e!r}", retry_after=1)
                 finally:
                     if slot is not None:
                         slot.done.set()
@@ -223,6 +231,19 @@ class Actor:
             elif box:
                 self._running = True
                 self.rt.spawn(self._run)
+
+    async def _step(self, command: Command) -> Reply:
+        """One command; raises KairosError / Moved, or Unavailable after an unknown outcome."""
+        try:
+            return await self._handle(command)
+        except (KairosError, Moved):
+            raise
+        except Exception as e:
+            # Unknown outcome (e.g. Redis connection dropped mid-write): our memory may be ahead of
+            # the checkpoint, so drop the actor; the next ask reloads it from Redis.
+            log.exception("actor %s failed", self.session_id)
+            self.close()
+            raise Unavailable(f"Session {self.session_id} unavailable: {e!r}", retry_after=1) from e
 
     def _rearm(self, now_ms: int) -> None:
         after = self.rt.passivate_after_ms

