@@ -108,12 +108,13 @@ class Host:
     ) -> bool | None:
         for actor in list(self._actors.values()):
             actor.close()
-        tg, self._tg = self._tg, None
+        tg = self._tg
         assert tg is not None
-        tg.cancel_scope.cancel()
+        tg.cancel_scope.cancel()  # tasks spawned from here on start cancelled: nothing runs
         try:
             await tg.__aexit__(None, None, None)
         finally:
+            self._tg = None
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 try:
                     await self.membership.leave()

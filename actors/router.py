@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ _COMMANDS: dict[str, type] = {
 CLAIMED, FORWARDED, OWNED_ELSEWHERE, UNOWNED, MINE, NOT_ALIVE = 1, 2, 3, 4, 5, -1
 REPLY_OK, REPLY_ERROR, REPLY_MOVED = 0, 1, 2
 _MAX_HINTS = 100_000
+_MAX_SERVED = 20_000
 
 
 def encode_command(command: Command) -> dict[str, Any]:
@@ -89,6 +91,8 @@ class Router:
         self._waiting: dict[str, _Waiter] = {}
         # session -> owner incarnation last seen; lets concurrent forwards skip the claim lock
         self._hints: dict[str, str] = {}
+        # request id -> packed answer (None while running): duplicates of a forwarded request
+        self._served: OrderedDict[str, bytes | None] = OrderedDict()
 
     # --- asking ---------------------------------------------------------------------------
     async def ask(self, session_id: str, command: Command, *, forward: bool = True) -> Reply:
@@ -132,14 +136,15 @@ class Router:
                             continue
                 code = r[0]
                 if code == FORWARDED:
+                    owner = r[1].decode()
                     if len(self._hints) >= _MAX_HINTS:
                         self._hints.clear()
-                    self._hints[session_id] = r[1].decode()
+                    self._hints[session_id] = owner
                     assert rid is not None
-                    reply = await self._await_reply(rid, min(left, self.attempt_s))
+                    reply = await self._await_owner(rid, session_id, owner, stop)
                     if reply is not None:
                         return reply
-                    self._hints.pop(session_id, None)  # timeout or MOVED: look again
+                    self._hints.pop(session_id, None)  # MOVED, owner gone, or out of time: look again
                 elif code == NOT_ALIVE:
                     await host.membership.lost(inc)
                 elif code == OWNED_ELSEWHERE:
@@ -153,14 +158,26 @@ class Router:
             if rid is not None:
                 self._waiting.pop(rid, None)
 
-    async def _await_reply(self, rid: str, timeout_s: float) -> Reply | None:
-        """The owner's answer, or None on timeout / MOVED (the caller routes again)."""
+    async def _await_owner(self, rid: str, session_id: str, owner: str, stop: float) -> Reply | None:
+        """Wait for `owner`'s answer. None means route again: it answered MOVED, it is no longer
+        the live owner, or time is up. A slow but live owner is never sent the command twice
+        (a duplicate could fall out of the idempotency window before it is seen)."""
+        host = self.host
         waiter = self._waiting[rid]
-        with anyio.move_on_after(timeout_s):
-            await waiter.done.wait()
+        wait = self.attempt_s
+        while True:
+            left = stop - time.monotonic()
+            if left <= 0:
+                return None
+            with anyio.move_on_after(min(left, wait)):
+                await waiter.done.wait()
+            if waiter.msg is not None:
+                break
+            wait *= 2  # a busy owner is not helped by being asked about more and more often
+            r = await host.scripts.do_claim_or_forward(host.membership.incarnation, session_id, may_claim=False)
+            if not (r[0] == OWNED_ELSEWHERE and r[1].decode() == owner):
+                return None
         msg = waiter.msg
-        if msg is None:
-            return None
         if msg["k"] == REPLY_MOVED:
             self._waiting[rid] = _Waiter()
             return None
@@ -174,6 +191,15 @@ class Router:
         """Run one inbox entry here and publish the answer on its reply channel."""
         msg = msgpack.unpackb(raw)
         rid = msg["r"]
+        served = self._served
+        if rid in served:  # a re-sent request: never run it twice
+            done = served[rid]
+            if done is not None:
+                await self.host.scripts.do_reply(msg["a"], done)
+            return  # else still running: its answer goes to the same address
+        served[rid] = None
+        if len(served) > _MAX_SERVED:
+            served.popitem(last=False)
         try:
             reply = await self.ask(msg["s"], decode_command(msg["c"]), forward=False)
             out: dict[str, Any] = {
@@ -181,13 +207,17 @@ class Router:
                 "st": codec.encode(reply.state) if reply.state is not None else None,
             }
         except Moved:
+            served.pop(rid, None)  # not run here: it may legitimately come back after re-routing
             out = {"r": rid, "k": REPLY_MOVED}
         except KairosError as e:
             out = {"r": rid, "k": REPLY_ERROR, "e": e.to_dict()}
         except Exception as e:
             log.exception("forwarded command failed")
             out = {"r": rid, "k": REPLY_ERROR, "e": Unavailable(f"Owner failed: {e!r}").to_dict()}
-        await self.host.scripts.do_reply(msg["a"], msgpack.packb(out))
+        data = msgpack.packb(out)
+        if rid in served:
+            served[rid] = data
+        await self.host.scripts.do_reply(msg["a"], data)
 
     async def run_inbox(self) -> None:
         """Pop forwarded commands from our inbox (it follows incarnation changes)."""

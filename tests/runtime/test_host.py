@@ -28,7 +28,8 @@ async def outbox_versions(redis: Any, keys: Keys) -> list[int]:
 async def test_thousand_concurrent_asks_from_three_hosts_give_contiguous_versions(
     redis: Any, key_prefix: str
 ) -> None:
-    async with hosts(redis, key_prefix, 3, switch_rate_per_s=0) as hs:
+    # a tiny per-attempt timeout: forwards time out all the time, yet nothing may apply twice
+    async with hosts(redis, key_prefix, 3, switch_rate_per_s=0, forward_timeout_ms=300) as hs:
         sid = str(uuid.uuid4())
         await hs[0].ask(sid, create_command(sid))
         await hs[1].ask(sid, Start())
