@@ -30,6 +30,7 @@ class Entry:
 
     id: str
     message: dict[str, Any] | None
+    raw: str | None = None  # the message's JSON text (None when unreadable)
 
 
 @dataclass(slots=True)
@@ -83,17 +84,23 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def decode_entry(entry_id: Any, fields: dict | None) -> Entry:
-    """Decode a raw stream entry (field `m` = update message JSON); garbage decodes to None."""
+def decode_entry(entry_id: Any, fields: dict | None, parse: bool = True) -> Entry:
+    """Decode a raw stream entry (field `m` = update message JSON); garbage decodes to None.
+    With `parse=False` only the text is kept (the audit lets PostgreSQL parse it)."""
     eid = _s(entry_id)
     if not fields:
         return Entry(eid, None)
     raw = fields.get(b"m", fields.get("m"))
     try:
-        message = json.loads(raw) if raw is not None else None
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        if not parse:
+            return Entry(eid, None, text)
+        message = json.loads(text) if text is not None else None
     except (ValueError, TypeError):
-        message = None
-    return Entry(eid, message if isinstance(message, dict) else None)
+        return Entry(eid, None)
+    if not isinstance(message, dict):
+        return Entry(eid, None)
+    return Entry(eid, message, text)
 
 
 class OutboxConsumer:
@@ -114,8 +121,10 @@ class OutboxConsumer:
         batch_size: int = 500,
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
+        parse: bool = True,
     ) -> None:
         self.redis = redis
+        self.parse = parse
         self.stream = keys.outbox
         self.group = group
         self.consumer = consumer
@@ -168,7 +177,7 @@ class OutboxConsumer:
         )
         out: list[Entry] = []
         for _stream, items in reply or []:
-            out.extend(decode_entry(eid, fields) for eid, fields in items)
+            out.extend(decode_entry(eid, fields, self.parse) for eid, fields in items)
         return out
 
     async def _autoclaim(self) -> list[Entry]:
@@ -182,7 +191,7 @@ class OutboxConsumer:
         )
         cursor, items = _s(reply[0]), reply[1]
         self._claim_cursor = cursor
-        entries = [decode_entry(eid, fields) for eid, fields in items]
+        entries = [decode_entry(eid, fields, self.parse) for eid, fields in items]
         if entries:
             self.reclaimed += len(entries)
             log.info("outbox %s: reclaimed %d idle entries", self.group, len(entries))
