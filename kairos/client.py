@@ -243,18 +243,20 @@ class Subscription:
     async def _run(self) -> None:
         delay = 0.05
         while True:
+            ws = self._ws
+            assert ws is not None
             try:
-                assert self._ws is not None
-                await self._read(self._ws)
+                await self._read(ws)  # returns when the server closed normally
+                code, reason = ws.close_code, ws.close_reason or ""
             except ConnectionClosed as exc:
                 rcvd = exc.rcvd
                 code, reason = (rcvd.code, rcvd.reason) if rcvd is not None else (None, "")
-                if self._closing or not self.reconnect or code in _FINAL_CODES:
-                    self.closed = SubscriptionClosed(code, reason)
-                    self._fail_pending(self.closed)
-                    await self._send.send({"type": "CLOSED", "code": code, "reason": reason})
-                    self._send.close()
-                    return
+            if self._closing or not self.reconnect or code in _FINAL_CODES:
+                self.closed = SubscriptionClosed(code, reason)
+                self._fail_pending(self.closed)
+                await self._send.send({"type": "CLOSED", "code": code, "reason": reason})
+                self._send.close()
+                return
             self._connected = anyio.Event()
             self._fail_pending(ConnectionError("connection lost"))
             while True:  # reconnect with capped exponential backoff

@@ -99,17 +99,17 @@ async def _serve(settings: Settings, fd: int | None) -> None:
     async def on_signals() -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                if stop.is_set():
-                    return
                 log.info("signal received: draining, then stopping", signal=signum)
                 with anyio.move_on_after(settings.drain_timeout_s + 2):
                     await svc.drain()
                 stop.set()
+                return  # default handlers are back: a second signal stops us hard
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(on_signals)
+        # Returns once `stop` is set; on_signals has finished by then, so nothing needs cancelling
+        # (cancelling this scope from here trips over Hypercorn's own asyncio TaskGroup).
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-        tg.cancel_scope.cancel()
 
 
 def run_workers(settings: Settings, workers: int) -> None:

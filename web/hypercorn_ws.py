@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from hypercorn.protocol import ws_stream as H
 from hypercorn.protocol.events import StreamClosed
 from wsproto.events import CloseConnection, Message, Ping, Pong
@@ -31,6 +33,18 @@ def apply() -> None:
     H.Handshake.__init__ = init_without_extensions  # type: ignore[method-assign]
     H.WSStream._handle_events = _handle_events  # type: ignore[method-assign]
     H.WSStream._send_pings = _send_pings  # type: ignore[method-assign]
+    original_handle = H.WSStream.handle
+
+    async def handle(self: H.WSStream, event: object) -> None:
+        await original_handle(self, event)
+        if isinstance(event, StreamClosed):
+            # Stop the ping loop now: otherwise the connection's task lingers for up to one
+            # ping interval after the socket closed, and shutdown waits for it.
+            task = getattr(self, "_kairos_ping_task", None)
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+
+    H.WSStream.handle = handle  # type: ignore[method-assign]
 
 
 async def _handle_events(self: H.WSStream) -> None:
@@ -56,6 +70,7 @@ async def _handle_events(self: H.WSStream) -> None:
 
 
 async def _send_pings(self: H.WSStream) -> None:
+    self._kairos_ping_task = asyncio.current_task()
     self._kairos_pong = True
     while not self.closed:
         if not self._kairos_pong:

@@ -23,6 +23,8 @@ from web import schemas as S
 
 log = structlog.get_logger("kairos.http")
 
+SERVER_VERSION = "kairos-0.1.0"
+
 _UUID = re.compile(S.UUID_PATTERN)
 _JSON = "application/json"
 _NO_ACCESS_LOG = frozenset({"/health", "/ready", "/metrics"})
@@ -88,10 +90,13 @@ def register_routes(app: Quart, svc: Any) -> None:
     """Attach every REST route to `app`; handlers close over the instance's `Services`."""
     clock = svc.clock
 
-    def caller_and_quota() -> tuple[A.Caller, dict[str, str] | None]:
+    def authenticate() -> A.Caller:
         caller = svc.auth.caller(request.headers.get("Authorization"))
         quota = svc.limiter.hit(caller.sub if svc.auth.enabled else client_address())
-        return caller, (quota.headers() if quota is not None else None)
+        if quota is not None:
+            # after_request adds the RateLimit-* headers to whatever the route answers.
+            request._kairos_quota = quota  # type: ignore[attr-defined]
+        return caller
 
     def client_address() -> str:
         return svc.addresses.resolve(request.remote_addr, request.headers.get("X-Forwarded-For"))
@@ -147,11 +152,12 @@ def register_routes(app: Quart, svc: Any) -> None:
         """Server clock for sync: four-timestamp fields `server_receive_ms`/`server_send_ms`."""
         received = clock()
         quota = svc.limiter.hit(client_address())
+        if quota is not None:
+            request._kairos_quota = quota  # type: ignore[attr-defined]
         now = clock()
         return json_response(
-            {"timestamp_ms": now, "server_version": svc.extra.get("version", "kairos-0.1.0"),
+            {"timestamp_ms": now, "server_version": SERVER_VERSION,
              "drift_tolerance_ms": 50, "server_receive_ms": received, "server_send_ms": clock()},
-            headers=quota.headers() if quota is not None else None,
         )
 
     # ---------------- sessions ----------------
@@ -163,7 +169,7 @@ def register_routes(app: Quart, svc: Any) -> None:
     @document_response(S.ErrorOut, 409)
     async def create_session() -> Response:
         """Create a session; the caller (`sub`) becomes its owner."""
-        caller, headers = caller_and_quota()
+        caller = authenticate()
         key = idempotency_key()
         raw = await required_body()
         try:
@@ -192,22 +198,22 @@ def register_routes(app: Quart, svc: Any) -> None:
             command_id=key,
         )
         reply = await ask(body.session_id, cmd, "create")
-        return json_response({"data": wire.session_json(reply.state, reply.now_ms)}, 201, headers)
+        return json_response({"data": wire.session_json(reply.state, reply.now_ms)}, 201)
 
     @app.get("/v1/sessions/<raw_id>")
     @tag(["sessions"])
     @document_response(S.SessionEnvelope)
     async def get_session(raw_id: str) -> Response:
         """The session with live times as of `server_time_ms`."""
-        caller, headers = caller_and_quota()
+        caller = authenticate()
         sid = session_id_param(raw_id)
         state = await load(sid)
         A.require_read(caller, state)
-        return json_response({"data": wire.session_json(state, clock())}, headers=headers)
+        return json_response({"data": wire.session_json(state, clock())})
 
     def action(name: str, make: Callable[[dict[str, Any], str | None], Any]) -> Callable[[str], Awaitable[Response]]:
         async def handler(raw_id: str) -> Response:
-            caller, headers = caller_and_quota()
+            caller = authenticate()
             sid = session_id_param(raw_id)
             key = idempotency_key()
             body = await optional_body()
@@ -215,7 +221,7 @@ def register_routes(app: Quart, svc: Any) -> None:
             if not caller.is_admin:
                 A.require_manage(caller, await load(sid))
             reply = await ask(sid, cmd, name)
-            return json_response({"data": wire.session_json(reply.state, reply.now_ms)}, headers=headers)
+            return json_response({"data": wire.session_json(reply.state, reply.now_ms)})
 
         handler.__name__ = f"{name}_session"
         handler.__doc__ = f"{name.capitalize()} the session (owner or admin)."
@@ -238,7 +244,7 @@ def register_routes(app: Quart, svc: Any) -> None:
     @document_response(S.ErrorOut, 429)
     async def switch_session(raw_id: str) -> Response:
         """End the active turn; owner, admin or the active participant. Body optional."""
-        caller, headers = caller_and_quota()
+        caller = authenticate()
         sid = session_id_param(raw_id)
         key = idempotency_key()
         try:
@@ -254,13 +260,13 @@ def register_routes(app: Quart, svc: Any) -> None:
         data = wire.switch_result_json(
             reply.state, reply.now_ms, reply.outcome.get("expired_participant_id")
         )
-        return json_response({"data": data}, headers=headers)
+        return json_response({"data": data})
 
     @app.delete("/v1/sessions/<raw_id>")
     @tag(["sessions"])
     async def delete_session(raw_id: str) -> Response:
         """Delete (204, also for an unknown id: idempotent). Owner or admin."""
-        caller, headers = caller_and_quota()
+        caller = authenticate()
         sid = session_id_param(raw_id)
         key = idempotency_key()
         try:
@@ -269,7 +275,7 @@ def register_routes(app: Quart, svc: Any) -> None:
             await ask(sid, C.Delete(command_id=key), "delete")
         except SessionNotFound:
             pass
-        return Response(b"", status=204, headers=headers)
+        return Response(b"", status=204)
 
     @app.get("/v1/sessions/<raw_id>/events")
     @tag(["sessions"])
@@ -277,7 +283,7 @@ def register_routes(app: Quart, svc: Any) -> None:
     @document_response(S.EventsEnvelope)
     async def session_events(raw_id: str) -> Response:
         """Audit history, oldest first; page with `?after_version=`."""
-        caller, headers = caller_and_quota()
+        caller = authenticate()
         sid = session_id_param(raw_id)
         try:
             q = S.EventsQuery.model_validate(dict(request.args))
@@ -286,7 +292,7 @@ def register_routes(app: Quart, svc: Any) -> None:
         state = await load(sid)
         A.require_read(caller, state)
         events = [] if svc.audit is None else await svc.audit.events(sid, q.after_version, q.limit)
-        return json_response({"data": events}, headers=headers)
+        return json_response({"data": events})
 
     # ---------------- devices ----------------
 
@@ -296,7 +302,7 @@ def register_routes(app: Quart, svc: Any) -> None:
     @document_response(S.DeviceEnvelope, 201)
     async def register_device() -> Response:
         """Register a push token for the caller."""
-        caller, headers = caller_and_quota()
+        caller = authenticate()
         raw = await required_body()
         try:
             body = S.DeviceIn.model_validate(raw)
@@ -304,16 +310,16 @@ def register_routes(app: Quart, svc: Any) -> None:
             raise W.from_pydantic(exc) from None
         if svc.audit is not None:
             await svc.audit.register_device(caller.sub, body.token, body.platform)
-        return json_response({"data": body.model_dump()}, 201, headers)
+        return json_response({"data": body.model_dump()}, 201)
 
     @app.delete("/v1/devices/<path:token>")
     @tag(["devices"])
     async def delete_device(token: str) -> Response:
         """Forget a push token of the caller (204 even if unknown)."""
-        caller, headers = caller_and_quota()
+        caller = authenticate()
         if svc.audit is not None:
             await svc.audit.delete_device(caller.sub, token)
-        return Response(b"", status=204, headers=headers)
+        return Response(b"", status=204)
 
     # ---------------- admin ----------------
 
@@ -321,7 +327,7 @@ def register_routes(app: Quart, svc: Any) -> None:
     @tag(["admin"])
     async def admin_drain() -> Response:
         """Drain this instance (admin): hand off leases, close sockets with 1012."""
-        caller, _ = caller_and_quota()
+        caller = authenticate()
         A.require_admin(caller)
         assert svc.task_group is not None
         svc.task_group.start_soon(svc.drain)
@@ -332,9 +338,9 @@ def register_routes(app: Quart, svc: Any) -> None:
     @document_response(S.InstancesEnvelope)
     async def admin_instances() -> Response:
         """Live instances with actor counts and draining flags (admin)."""
-        caller, headers = caller_and_quota()
+        caller = authenticate()
         A.require_admin(caller)
-        return json_response({"data": await svc.host.instances()}, headers=headers)
+        return json_response({"data": await svc.host.instances()})
 
     # ---------------- access log, ids, request metrics ----------------
 
@@ -352,6 +358,9 @@ def register_routes(app: Quart, svc: Any) -> None:
     async def access_log(response: Response) -> Response:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.HTTP_REQUESTS.labels(request.method, rule, response.status_code).inc()
+        quota = getattr(request, "_kairos_quota", None)
+        if quota is not None:
+            response.headers.update(quota.headers())
         if request.path not in _NO_ACCESS_LOG:
             t0 = getattr(request, "_kairos_t0", None)
             log.info("request", method=request.method, path=request.path,

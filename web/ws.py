@@ -38,7 +38,8 @@ class Socket:
         self.send_stream, self.recv_stream = anyio.create_memory_object_stream[str](queue_size)
         self.close_code: int | None = None
         self.close_reason = ""
-        self.closed = anyio.Event()
+        self.closing = anyio.Event()  # someone asked to close this socket
+        self.flushed = anyio.Event()  # the sender has written out everything queued
 
     def push(self, frame: str) -> bool:
         """Queue a frame; False (and the socket is marked for closing) when the queue is full."""
@@ -47,15 +48,19 @@ class Socket:
             return True
         except anyio.WouldBlock:
             metrics.WS_DROPPED.inc()
-            self.close(1013, "Client too slow")
+            self.close(1013, "Client too slow", flush=False)
             return False
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str, *, flush: bool = True) -> None:
+        """Ask to close; with `flush` the frames already queued (e.g. SESSION_DELETED) go first."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-        self.closed.set()
+        self.send_stream.close()
+        if not flush:
+            self.flushed.set()
+        self.closing.set()
 
 
 class Relay:
@@ -192,7 +197,9 @@ def register_ws(app: Quart, svc: Any) -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_sender, sock)
                 tg.start_soon(_receiver, svc, sid, caller, sock)
-                await sock.closed.wait()
+                await sock.closing.wait()
+                with anyio.move_on_after(2):  # a client that never reads cannot hold us here
+                    await sock.flushed.wait()
                 tg.cancel_scope.cancel()
             if sock.close_code is not None:
                 await websocket.close(sock.close_code, sock.close_reason)
@@ -203,8 +210,11 @@ def register_ws(app: Quart, svc: Any) -> None:
 
 
 async def _sender(sock: Socket) -> None:
-    async for frame in sock.recv_stream:
-        await websocket.send(frame)
+    try:
+        async for frame in sock.recv_stream:
+            await websocket.send(frame)
+    finally:
+        sock.flushed.set()
 
 
 async def _receiver(svc: Any, sid: str, caller: A.Caller, sock: Socket) -> None:
@@ -232,7 +242,7 @@ async def _receiver(svc: Any, sid: str, caller: A.Caller, sock: Socket) -> None:
             elif kind in _COMMANDS:
                 await websocket.send(await _command(svc, sid, caller, kind, msg))
     finally:
-        sock.close(1000, "")
+        sock.close(1000, "", flush=False)
 
 
 async def _state_sync(svc: Any, sid: str, caller: A.Caller) -> None:

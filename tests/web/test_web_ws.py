@@ -1,0 +1,206 @@
+"""WebSocket contract (API.md), the SDK's subscription and clock sync, and cross-instance fan-out."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from kairos.client import KairosClient, SubscriptionClosed, wall_clock_ms
+from kairos.errors import InvalidStateTransition
+from tests.servers import KairosServer, server_env
+from tests.web.conftest import bearer, chess_body
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def server_b(redis_url: str, database_url: str, module_prefix: str) -> Iterator[KairosServer]:
+    """A second instance sharing Redis (same key prefix); short heartbeat to test dropping."""
+    env = server_env(redis_url, database_url, module_prefix, KAIROS_RATE_LIMIT_GENERAL="0",
+                     KAIROS_RATE_LIMIT_SWITCH="0", KAIROS_WS_HEARTBEAT_S="0.5")
+    with KairosServer(env) as srv:
+        srv.wait_ready()
+        yield srv
+
+
+def make_session(server: KairosServer, **extra: object) -> tuple[str, list[str]]:
+    body = chess_body(**extra)
+    r = httpx.post(f"{server.url}/v1/sessions", json=body, headers=bearer(server.token("host-1")))
+    assert r.status_code == 201, r.text
+    return body["session_id"], [p["participant_id"] for p in body["participants"]]
+
+
+async def closed_with(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    async with connect(url, additional_headers=headers) as ws:
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                await ws.recv()
+    assert info.value.rcvd is not None
+    return info.value.rcvd.code, info.value.rcvd.reason
+
+
+async def test_handshake_errors_close_with_1008(server: KairosServer) -> None:
+    tok = server.token("host-1")
+    assert await closed_with(server.ws_url) == (1008, "Missing sessionId parameter")
+    assert await closed_with(f"{server.ws_url}?sessionId=nope&token={tok}") == (1008, "Invalid sessionId format")
+    sid, _ = make_session(server)
+    assert await closed_with(f"{server.ws_url}?sessionId={sid}") == (1008, "Unauthorized")
+    assert await closed_with(f"{server.ws_url}?sessionId={sid}&token=forged.token.x") == (1008, "Unauthorized")
+
+
+async def test_connected_then_updates_sync_and_pong(server: KairosServer) -> None:
+    sid, (p1, p2) = make_session(server)
+    tok = server.token("host-1")
+    async with connect(f"{server.ws_url}?sessionId={sid}&token={tok}") as ws:
+        hello = json.loads(await ws.recv())
+        assert hello["type"] == "CONNECTED" and hello["sessionId"] == sid
+        assert isinstance(hello["timestamp"], int)
+        await ws.send("not json")  # ignored, socket stays open
+        await ws.send(json.dumps({"type": "NOPE"}))
+        await ws.send(json.dumps({"type": "PING", "client_time": 123}))
+        pong = json.loads(await ws.recv())
+        assert pong["type"] == "PONG" and pong["client_time"] == 123
+        assert pong["server_receive_ms"] <= pong["server_send_ms"]
+        assert abs(pong["timestamp"] - wall_clock_ms()) < 1000
+        async with httpx.AsyncClient(base_url=server.url, headers=bearer(tok)) as http:
+            await http.post(f"/v1/sessions/{sid}/start")
+        update = json.loads(await ws.recv())
+        assert update["type"] == "STATE_UPDATE" and update["sessionId"] == sid
+        assert update["state"]["version"] == 2 and update["state"]["active_participant_id"] == p1
+        await ws.send(json.dumps({"type": "RECONNECT", "last_version": 1}))
+        sync = json.loads(await ws.recv())
+        assert sync["type"] == "STATE_SYNC" and sync["state"]["version"] == 2
+        assert sync["state"]["status"] == "running"
+
+
+async def test_commands_over_the_socket_answer_ack_or_error(server: KairosServer) -> None:
+    sid, (p1, p2) = make_session(server)
+    async with KairosClient(server.url, server.token("host-1")) as kc, kc.subscribe(sid) as sub:
+        await sub.next_frame("CONNECTED")
+        started = await sub.command("START")
+        assert started["status"] == "running" and started["version"] == 2
+        switched = await sub.command("SWITCH", request_id="r-17")
+        assert switched["active_participant_id"] == p2 and switched["version"] == 3
+        assert "expired_participant_id" not in switched
+        with pytest.raises(InvalidStateTransition):
+            await sub.command("RESUME")
+        err = await sub._roundtrip("bad-1", {"type": "SWITCH", "request_id": "bad-1",
+                                             "next_participant_id": "zz"}, 5)
+        assert err == {"type": "ERROR", "code": "VALIDATION_ERROR", "message": "Request validation failed",
+                       "details": [{"field": "next_participant_id", "message": "must be a UUID",
+                                    "code": "invalid_uuid"}], "request_id": "bad-1"}
+        versions = []
+        while len(versions) < 2:
+            versions.append((await sub.next_frame("STATE_UPDATE"))["state"]["version"])
+        assert versions == [2, 3]
+
+
+async def test_frame_over_64_kb_closes_with_1009(server: KairosServer) -> None:
+    sid, _ = make_session(server)
+    async with connect(f"{server.ws_url}?sessionId={sid}&token={server.token('host-1')}",
+                       max_size=None) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "PING", "pad": "x" * 70_000}))
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+async def test_server_made_expiry_sends_warning_then_expired_then_update(server: KairosServer) -> None:
+    body = chess_body(time_warning_ms=700)
+    for p in body["participants"]:
+        p["total_time_ms"] = 1000
+    async with KairosClient(server.url, server.token("host-1")) as kc:
+        await kc.create_session(body)
+        sid, p1 = body["session_id"], body["participants"][0]["participant_id"]
+        async with kc.subscribe(sid) as sub:
+            await sub.next_frame("CONNECTED")
+            await kc.start(sid)
+            await sub.next_frame("STATE_UPDATE")
+            warning = await sub.next_frame("TIME_WARNING", "TIME_EXPIRED", wait_s=5)
+            assert warning["type"] == "TIME_WARNING" and warning["participant_id"] == p1
+            assert 0 <= warning["remaining_ms"] <= 700
+            await sub.next_frame("STATE_UPDATE")  # the warning's own change
+            expired = await sub.next_frame("TIME_EXPIRED", "STATE_UPDATE", wait_s=5)
+            assert expired["type"] == "TIME_EXPIRED" and expired["participant_id"] == p1
+            assert expired["state"]["status"] == "expired"
+            update = await sub.next_frame()
+            assert update["type"] == "STATE_UPDATE" and update["state"]["status"] == "expired"
+            gone = update["state"]["participants"][0]
+            assert gone["has_expired"] is True and gone["time_remaining_ms"] == 0
+
+
+async def test_delete_sends_session_deleted_then_closes_1000(server: KairosServer) -> None:
+    sid, _ = make_session(server)
+    async with KairosClient(server.url, server.token("host-1")) as kc, kc.subscribe(sid) as sub:
+        await sub.next_frame("CONNECTED")
+        await kc.delete_session(sid)
+        deleted = await sub.next_frame("SESSION_DELETED")
+        assert deleted["sessionId"] == sid
+        closed = await sub.next_frame("CLOSED")
+        assert (closed["code"], closed["reason"]) == (1000, "Session deleted")
+        assert isinstance(sub.closed, SubscriptionClosed)
+
+
+async def test_change_through_one_instance_reaches_a_socket_on_the_other(
+    server: KairosServer, server_b: KairosServer
+) -> None:
+    sid, (p1, p2) = make_session(server)
+    async with KairosClient(server_b.url, server_b.token("host-1")) as kb, kb.subscribe(sid) as sub:
+        await sub.next_frame("CONNECTED")
+        async with KairosClient(server.url, server.token("host-1")) as ka:
+            await ka.start(sid)
+            await ka.switch(sid)
+        first = await sub.next_frame("STATE_UPDATE")
+        second = await sub.next_frame("STATE_UPDATE")
+        assert [first["state"]["version"], second["state"]["version"]] == [2, 3]
+        assert second["state"]["active_participant_id"] == p2
+        # and a command sent over B's socket is forwarded to the owner and acknowledged
+        ack = await sub.switch()
+        assert ack["active_participant_id"] == p1 and ack["version"] == 4
+
+
+async def test_clock_offset_with_skewed_client_clock_is_within_5_ms(server: KairosServer) -> None:
+    skew = 1234.0
+    async with KairosClient(server.url, server.token("host-1"),
+                            clock=lambda: wall_clock_ms() + skew) as kc:
+        sid, _ = make_session(server)
+        async with kc.subscribe(sid) as sub:
+            await sub.next_frame("CONNECTED")
+            sample = await sub.sync_clock(samples=10)
+        # same machine: the true offset (server - client) is exactly -skew
+        assert abs(sample.offset_ms - (-skew)) <= 5, sample
+        assert abs(kc.server_now() - wall_clock_ms()) <= 5
+
+
+def test_socket_that_never_answers_pings_is_dropped(server_b: KairosServer) -> None:
+    sid, _ = make_session(server_b)
+    s = socket.create_connection(("127.0.0.1", server_b.port), timeout=5)
+    tok = server_b.token("host-1")
+    s.sendall((f"GET /ws?sessionId={sid}&token={tok} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    data = b""
+    start = time.monotonic()
+    # Read (never answering pings) until the server closes the TCP connection.
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        assert time.monotonic() - start < 5, "server kept a silent socket"
+    s.close()
+    assert b" 101 " in data.split(b"\r\n", 1)[0]
+    assert b"\x88" in data  # a close frame was sent before the connection went away
