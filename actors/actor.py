@@ -63,6 +63,8 @@ class Store(Protocol):
 
     async def release(self, lease: Lease, session_id: str) -> None: ...
 
+    async def hand_off(self, lease: Lease, session_id: str, target: str | None) -> None: ...
+
 
 class Runtime(Protocol):
     """What an actor needs from its host (one object shared by all of a host's actors)."""
@@ -99,6 +101,7 @@ class _Slot:
 
 _TICK = object()
 _PASSIVATE = object()
+_HAND_OFF = object()
 
 
 class Actor:
@@ -184,6 +187,15 @@ class Actor:
             return
         self._rearm(now_ms)
 
+    async def hand_off(self, target: str | None) -> None:
+        """Finish the command in hand, then stop and give the lease to `target` (drain), or just
+        release it. Queued and later commands get Moved: the router re-routes them to the target."""
+        if self.closed:
+            return
+        slot = _Slot()
+        self._post((_HAND_OFF, target), slot)
+        await slot.done.wait()
+
     @property
     def busy(self) -> bool:
         return self._running
@@ -209,6 +221,10 @@ class Actor:
                         await self._tick()
                     elif item is _PASSIVATE:
                         await self._passivate()
+                    elif type(item) is tuple and item[0] is _HAND_OFF:
+                        lease = self.lease
+                        self.close()
+                        await self.rt.store.hand_off(lease, self.session_id, item[1])
                     else:
                         reply = await self._step(item)
                         if slot is not None:
@@ -350,6 +366,10 @@ class Actor:
     async def _passivate(self) -> None:
         if self._box:
             return  # a command arrived meanwhile: stay
+        await self._release()
+
+    async def _release(self) -> None:
+        # Every accepted change is already checkpointed, so stopping is just giving the lease up.
         lease = self.lease
         self.close()
         await self.rt.store.release(lease, self.session_id)

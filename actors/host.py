@@ -11,6 +11,7 @@ bytes (`decode_responses=False`, the default).
 from __future__ import annotations
 
 import gc
+import hashlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from actors.keys import Keys, Scripts
 from actors.membership import Membership
 from actors.router import Router
 from actors.store import RedisStore
+from actors.sweeper import Sweeper
 from actors.timers import Timers
 from kairos import codec
 from kairos.commands import Command
@@ -79,6 +81,7 @@ class Host:
             info=self._info, on_lost=self._stop_incarnation,
         )
         self.router = Router(self, deadline_ms=ask_deadline_ms, attempt_timeout_ms=forward_timeout_ms)
+        self.sweeper = Sweeper(self, period_ms=max(50, lease_ttl_ms // 4), horizon_ms=2 * lease_ttl_ms)
         self._actors: dict[str, Actor] = {}
         self._locks: dict[str, tuple[anyio.Lock, list[int]]] = {}
         self._activations = 0
@@ -95,6 +98,7 @@ class Host:
             tg.start_soon(self.membership.run)
             tg.start_soon(self.timers.run)
             tg.start_soon(self.router.run_inbox)
+            tg.start_soon(self.sweeper.run)
         except BaseException:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
@@ -154,8 +158,27 @@ class Host:
         return len(self._actors)
 
     async def drain(self) -> None:
-        """Hand every lease to other instances (issue 5)."""
-        raise NotImplementedError("drain arrives with issue 5")
+        """Stop claiming; hand every local session to a live, non-draining instance (rendezvous
+        hashing over the live list), which activates it at once. Returns when none is left here;
+        bound it with a timeout. Commands caught in between get MOVED and are re-routed."""
+        self.draining = True
+        try:
+            await self.membership.renew()  # publish the draining flag now, not at the next renewal
+        except Exception:
+            pass
+        limiter = anyio.CapacityLimiter(64)
+
+        async def hand_off(actor: Actor, targets: list[str]) -> None:
+            async with limiter:
+                await actor.hand_off(rendezvous(actor.session_id, targets) if targets else None)
+
+        while self._actors:
+            me = self.incarnation
+            targets = [i["incarnation"] for i in await self.instances()
+                       if not i.get("draining") and i["incarnation"] != me]
+            async with anyio.create_task_group() as tg:
+                for actor in list(self._actors.values()):
+                    tg.start_soon(hand_off, actor, targets)
 
     async def ping(self) -> None:
         """Raise if Redis is unreachable (for /ready)."""
@@ -213,6 +236,12 @@ class Host:
         for actor in list(self._actors.values()):
             if actor.lease.incarnation == incarnation:
                 actor.close()
+
+
+def rendezvous(session_id: str, incarnations: list[str]) -> str:
+    """Highest-random-weight choice: every instance picks the same target for a session, and
+    removing one target only moves the sessions that were mapped to it."""
+    return max(incarnations, key=lambda inc: hashlib.blake2b(f"{inc}:{session_id}".encode(), digest_size=8).digest())
 
 
 class _ClaimLock:

@@ -209,6 +209,63 @@ return 1
 _RESERVED_CONNECTIONS = 4
 
 
+# --- adopt orphans (the sweeper) ----------------------------------------------------------------
+# KEYS[1] deadlines zset, KEYS[2] my liveness key
+# ARGV[1] my incarnation, ARGV[2] key prefix, ARGV[3] max deadline ms (now + horizon),
+# ARGV[4] how many due entries to look at, ARGV[5] how many to adopt at most, ARGV[6] lease TTL ms
+# Looks at the earliest deadlines; a session whose lease is released or whose owner's liveness
+# key is gone is claimed for me (epoch + 1); entries without a checkpoint are dropped.
+# Lua spells PREFIX .. 's:' .. sid .. ':lease' / ':cp' as Keys.lease / Keys.checkpoint.
+# Returns a flat list sid1, epoch1, checkpoint1, sid2, ... ({-1} if my liveness key is gone).
+ADOPT_ORPHANS = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
+local out = {}
+local want = tonumber(ARGV[5])
+for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, ARGV[4])) do
+  local lk = ARGV[2] .. 's:' .. sid .. ':lease'
+  local lease = redis.call('HMGET', lk, 'o', 'e')
+  local owner = lease[1]
+  if not owner or owner == '' or
+     (owner ~= ARGV[1] and redis.call('EXISTS', ARGV[2] .. 'i:' .. owner .. ':alive') == 0) then
+    local cp = redis.call('GET', ARGV[2] .. 's:' .. sid .. ':cp')
+    if not cp then
+      redis.call('ZREM', KEYS[1], sid)
+    else
+      local epoch = tonumber(lease[2] or '0') + 1
+      redis.call('HSET', lk, 'o', ARGV[1], 'e', epoch)
+      redis.call('PEXPIRE', lk, ARGV[6])
+      out[#out + 1] = sid
+      out[#out + 1] = epoch
+      out[#out + 1] = cp
+      if #out >= want * 3 then break end
+    end
+  end
+end
+return out
+"""
+
+
+# --- hand off (drain) -----------------------------------------------------------------------------
+# KEYS[1] lease(sid), KEYS[2] target's inbox, KEYS[3] target's liveness key
+# ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] target incarnation, ARGV[4] activation message,
+# ARGV[5] inbox TTL ms
+# If the lease is still mine: give it to the target (epoch + 1) and ask it to activate the session
+# now; commands routed meanwhile already go to the target. Returns 1 handed off, 2 released (the
+# target is not alive), 0 not mine any more.
+HAND_OFF = """
+local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
+if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('HSET', KEYS[1], 'o', '')
+  return 2
+end
+redis.call('HSET', KEYS[1], 'o', ARGV[3], 'e', tonumber(lease[2]) + 1)
+redis.call('RPUSH', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+return 1
+"""
+
+
 class Scripts:
     """The scripts registered on one client, and the few plain commands that touch our keys.
 
@@ -227,6 +284,8 @@ class Scripts:
         self._write = redis.register_script(FENCED_WRITE)
         self._delete = redis.register_script(FENCED_DELETE)
         self._release = redis.register_script(RELEASE)
+        self._adopt = redis.register_script(ADOPT_ORPHANS)
+        self._hand_off = redis.register_script(HAND_OFF)
 
     @asynccontextmanager
     async def _connection_slot(self) -> AsyncIterator[None]:
@@ -296,6 +355,26 @@ class Scripts:
         """The stored checkpoint bytes (reads for `get` on a session owned elsewhere)."""
         async with self._connection_slot():
             return await self.redis.get(self.keys.checkpoint(session_id))
+
+    async def do_adopt_orphans(
+        self, incarnation: str, *, until_ms: int, scan: int, batch: int
+    ) -> list[tuple[str, int, bytes]] | None:
+        """Claim orphaned sessions due before `until_ms`: [(sid, epoch, checkpoint)], None if I'm dead."""
+        k = self.keys
+        async with self._connection_slot():
+            flat = await self._adopt(keys=[k.deadlines, k.liveness(incarnation)],
+                                     args=[incarnation, k.prefix, until_ms, scan, batch, CHECKPOINT_TTL_MS])
+        if flat and flat[0] == -1:
+            return None
+        return [(flat[i].decode(), int(flat[i + 1]), flat[i + 2]) for i in range(0, len(flat), 3)]
+
+    async def do_hand_off(self, incarnation: str, epoch: int, session_id: str, target: str, message: bytes) -> int:
+        """Give my lease to `target` and queue `message` (activate now) on its inbox: 1 / 2 / 0."""
+        k = self.keys
+        async with self._connection_slot():
+            return int(await self._hand_off(
+                keys=[k.lease(session_id), k.inbox(target), k.liveness(target)],
+                args=[incarnation, epoch, target, message, INBOX_TTL_MS]))
 
     async def do_reply(self, channel: str, data: bytes) -> None:
         """Answer a forwarded command on the asker's reply channel."""

@@ -71,6 +71,11 @@ def decode_command(d: dict[str, Any]) -> Command:
     return cls(**d)
 
 
+def handoff_message(session_id: str) -> bytes:
+    """Inbox entry asking the receiver to activate `session_id` at once (no command, no reply)."""
+    return msgpack.packb({"r": uuid.uuid4().hex, "s": session_id, "a": "", "c": None})
+
+
 class _Waiter:
     __slots__ = ("done", "msg")
 
@@ -151,9 +156,10 @@ class Router:
                     raise Moved(session_id)
                 elif code in (UNOWNED, MINE):
                     self._hints.pop(session_id, None)
-                    if host.draining:
-                        # Issue 5 hands these to a live instance; until then let the caller retry.
-                        raise Unavailable("Instance draining, please retry", retry_after=1)
+                    if host.draining:  # we may not claim: whoever we handed it to will, shortly
+                        if not forward:
+                            raise Moved(session_id)
+                        await anyio.sleep(0.01)
         finally:
             if rid is not None:
                 self._waiting.pop(rid, None)
@@ -186,10 +192,28 @@ class Router:
         st = msg["st"]
         return Reply(codec.decode(st) if st is not None else None, msg["o"], msg["t"])
 
+    async def activate_here(self, session_id: str, reason: str = "handoff") -> bool:
+        """Claim and activate a session on this host now, if nobody live owns it (drain hand-off)."""
+        host = self.host
+        if host.draining:
+            return False
+        async with host.claim_lock(session_id):
+            if host.local_actor(session_id) is not None:
+                return True
+            inc = host.membership.incarnation
+            r = await host.scripts.do_claim_or_forward(inc, session_id, may_claim=True)
+            if r[0] != CLAIMED:
+                return False
+            host.activate(session_id, Lease(inc, int(r[1])), r[2], reason)
+            return True
+
     # --- serving ---------------------------------------------------------------------------
     async def serve_forwarded(self, raw: bytes) -> None:
         """Run one inbox entry here and publish the answer on its reply channel."""
         msg = msgpack.unpackb(raw)
+        if msg["c"] is None:
+            await self.activate_here(msg["s"])
+            return
         rid = msg["r"]
         served = self._served
         if rid in served:  # a re-sent request: never run it twice

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from actors.actor import Lease
 from actors.keys import Scripts
+from actors.router import handoff_message
 
 
 class RedisStore:
@@ -26,3 +27,11 @@ class RedisStore:
     async def release(self, lease: Lease, session_id: str) -> None:
         """Give the lease up (no-op if it is no longer ours)."""
         await self.scripts.do_release(lease.incarnation, lease.epoch, session_id)
+
+    async def hand_off(self, lease: Lease, session_id: str, target: str | None) -> None:
+        """Give the lease to `target` (which activates at once), or just release it."""
+        if target is None:
+            await self.release(lease, session_id)
+        else:
+            await self.scripts.do_hand_off(lease.incarnation, lease.epoch, session_id, target,
+                                           handoff_message(session_id))
