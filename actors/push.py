@@ -285,11 +285,16 @@ class PushWorker:
             return
         ids = [e.id for e in batch]
         tokens = await self._tokens({n.participant_id for n in notices}, ids)
-        work = [
-            (token, fcm_message(n, token))
-            for n in notices
-            for token in tokens.get(n.participant_id.lower(), ())
-        ]
+        # A phone shows only a session's latest notification (collapse key), and send_each gives
+        # no ordering: so per device and session, only the batch's latest notice is sent.
+        latest: dict[tuple[str, str], Notice] = {}
+        for n in notices:
+            for token in tokens.get(n.participant_id.lower(), ()):
+                latest.pop((token, n.session_id), None)  # re-insert: dict order = stream order
+                latest[(token, n.session_id)] = n
+        fanned = sum(len(tokens.get(n.participant_id.lower(), ())) for n in notices)
+        self._count("superseded", fanned - len(latest))
+        work = [(token, fcm_message(n, token)) for (token, _), n in latest.items()]
         if work:
             await self._send(work, ids)
 

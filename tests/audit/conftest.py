@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors.keys import Keys
+from tests.audit.fake_fcm import fake_fcm, service_account  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
