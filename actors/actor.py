@@ -40,6 +40,13 @@ class Reply:
     state: Session | None
     outcome: dict[str, Any]
     now_ms: int
+    # Internal: the answer already published to a forwarding asker inside the fenced write.
+    published: bytes | None = None
+
+
+# Builds (reply channel, answer bytes) for a forwarded command from its Reply and checkpoint bytes,
+# so the fenced write can publish the answer too (saves the owner a round trip).
+ReplyTo = Callable[[Reply, bytes], tuple[str, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +63,8 @@ class Store(Protocol):
     Each returns WRITTEN (1), FENCED (0: the lease is no longer ours) or LIVENESS_LOST (-1)."""
 
     async def write(
-        self, lease: Lease, session_id: str, checkpoint: bytes, message: bytes, deadline_ms: int | None
+        self, lease: Lease, session_id: str, checkpoint: bytes, message: bytes, deadline_ms: int | None,
+        reply: tuple[str, bytes] | None = None,
     ) -> int: ...
 
     async def delete(self, lease: Lease, session_id: str, message: bytes) -> int: ...
@@ -91,12 +99,13 @@ SWITCH_LIMIT_MESSAGE = "Too many cycle switches for this session, please slow do
 class _Slot:
     """One pending answer."""
 
-    __slots__ = ("done", "reply", "error")
+    __slots__ = ("done", "reply", "error", "reply_to")
 
-    def __init__(self) -> None:
+    def __init__(self, reply_to: ReplyTo | None = None) -> None:
         self.done = anyio.Event()
         self.reply: Reply | None = None
         self.error: BaseException | None = None
+        self.reply_to = reply_to
 
 
 _TICK = object()
@@ -132,8 +141,9 @@ class Actor:
         self.deadline = rules.next_deadline(self.state) if self.state is not None else None
         self._rearm(self.rt.clock())
 
-    async def ask(self, command: Command) -> Reply:
-        """Run `command` after those queued before it. Raises KairosError, or Moved if not owner."""
+    async def ask(self, command: Command, reply_to: ReplyTo | None = None) -> Reply:
+        """Run `command` after those queued before it. Raises KairosError, or Moved if not owner.
+        `reply_to` (forwarded commands): publish the answer within the write itself."""
         self.last_used = self.rt.clock()
         if not self._running and not self._box and not self.closed:
             # Idle mailbox: the caller runs its own command (no task spawn, no hand-off), shielded
@@ -141,13 +151,13 @@ class Actor:
             self._running = True
             try:
                 with anyio.CancelScope(shield=True):
-                    return await self._step(command)
+                    return await self._step(command, reply_to)
             finally:
                 self._running = False
                 if self._box or (self.state is None and not self.closed):
                     self._running = True  # others queued meanwhile (or a lease to free): a task
                     self.rt.spawn(self._run)
-        slot = _Slot()
+        slot = _Slot(reply_to)
         self._post(command, slot)
         await slot.done.wait()
         if slot.error is not None:
@@ -226,7 +236,7 @@ class Actor:
                         self.close()
                         await self.rt.store.hand_off(lease, self.session_id, item[1])
                     else:
-                        reply = await self._step(item)
+                        reply = await self._step(item, slot.reply_to if slot is not None else None)
                         if slot is not None:
                             slot.reply = reply
                 except (KairosError, Moved) as e:
@@ -248,10 +258,10 @@ class Actor:
                 self._running = True
                 self.rt.spawn(self._run)
 
-    async def _step(self, command: Command) -> Reply:
+    async def _step(self, command: Command, reply_to: ReplyTo | None = None) -> Reply:
         """One command; raises KairosError / Moved, or Unavailable after an unknown outcome."""
         try:
-            return await self._handle(command)
+            return await self._handle(command, reply_to)
         except (KairosError, Moved):
             raise
         except Exception as e:
@@ -271,7 +281,7 @@ class Actor:
             self.rt.timers.arm(self, at)
 
     # --- processing ------------------------------------------------------------------------
-    async def _handle(self, command: Command) -> Reply:
+    async def _handle(self, command: Command, reply_to: ReplyTo | None = None) -> Reply:
         rt = self.rt
         now = rt.clock()
         state = self.state
@@ -291,11 +301,12 @@ class Actor:
         if isinstance(command, Switch) and rt.switch_rate_per_s and not replay:
             self._check_switch_rate(now)
         result = rules.apply(state, command, now)
-        if result.changed:
-            await self._persist(result, now)
-            if isinstance(command, Switch) and rt.switch_rate_per_s:
-                self._switches.append(now)  # type: ignore[union-attr]
-        return Reply(result.state, result.outcome, now)
+        if not result.changed:
+            return Reply(result.state, result.outcome, now)
+        reply = await self._persist(result, now, reply_to)
+        if isinstance(command, Switch) and rt.switch_rate_per_s:
+            self._switches.append(now)  # type: ignore[union-attr]
+        return reply
 
     async def _tick(self) -> None:
         state = self.state
@@ -312,9 +323,10 @@ class Actor:
                 self.deadline = None
             self._rearm(now)
 
-    async def _persist(self, result: rules.Result, now: int) -> None:
+    async def _persist(self, result: rules.Result, now: int, reply_to: ReplyTo | None = None) -> Reply:
         """The one fenced write of an accepted change; updates memory only once it is durable."""
         new = result.state
+        reply = Reply(new, result.outcome, now)
         message = wire.update_message(new, result.events, now, self.session_id)
         if new is None:
             code = await self.rt.store.delete(self.lease, self.session_id, message)
@@ -322,13 +334,19 @@ class Actor:
             self.state = None
             self.deadline = None
             self.close()  # the delete script released the lease
-            return
+            return reply
         deadline = rules.next_deadline(new)
-        code = await self.rt.store.write(self.lease, self.session_id, codec.encode(new), message, deadline)
+        checkpoint = codec.encode(new)
+        answer = None
+        if reply_to is not None:
+            answer = reply_to(reply, checkpoint)
+            reply.published = answer[1]
+        code = await self.rt.store.write(self.lease, self.session_id, checkpoint, message, deadline, answer)
         self._check(code)
         self.state = new
         self.deadline = deadline
         self._rearm(now)
+        return reply
 
     def _check(self, code: int) -> None:
         if code == WRITTEN:

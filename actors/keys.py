@@ -155,7 +155,8 @@ return {1, epoch, redis.call('GET', KEYS[3]), reason}
 # KEYS[5] deadlines zset
 # ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] checkpoint bytes, ARGV[4] TTL ms,
 # ARGV[5] update message bytes ("" = checkpoint only, e.g. a restored session), ARGV[6] channel,
-# ARGV[7] session id, ARGV[8] next deadline ms ("" = none: not running)
+# ARGV[7] session id, ARGV[8] next deadline ms ("" = none: not running),
+# ARGV[9] reply channel, ARGV[10] answer bytes ("" = none) for a forwarded command's asker
 # Returns 1 written, 0 lease no longer mine (fenced), -1 my liveness key is gone.
 FENCED_WRITE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
@@ -171,6 +172,9 @@ if ARGV[8] ~= '' then
   redis.call('ZADD', KEYS[5], ARGV[8], ARGV[7])
 else
   redis.call('ZREM', KEYS[5], ARGV[7])
+end
+if ARGV[10] ~= '' then
+  redis.call('PUBLISH', ARGV[9], ARGV[10])
 end
 return 1
 """
@@ -326,7 +330,7 @@ class Scripts:
 
     async def do_fenced_write(
         self, incarnation: str, epoch: int, session_id: str, checkpoint: bytes, message: bytes,
-        deadline_ms: int | None,
+        deadline_ms: int | None, reply: tuple[str, bytes] | None = None,
     ) -> int:
         """Write checkpoint + outbox + publish + deadline if I still hold the lease: 1 / 0 / -1."""
         k = self.keys
@@ -334,7 +338,8 @@ class Scripts:
             return await self._write(
                 keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines],
                 args=[incarnation, epoch, checkpoint, CHECKPOINT_TTL_MS, message, k.channel(session_id),
-                      session_id, "" if deadline_ms is None else deadline_ms],
+                      session_id, "" if deadline_ms is None else deadline_ms,
+                      *(reply if reply is not None else ("", ""))],
             )
 
     async def do_fenced_delete(self, incarnation: str, epoch: int, session_id: str, message: bytes) -> int:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgpack
 
-from actors.actor import Lease, Moved, Reply
+from actors.actor import Lease, Moved, Reply, ReplyTo
 from kairos import codec
 from kairos.commands import (
     Cancel,
@@ -100,7 +100,8 @@ class Router:
         self._served: OrderedDict[str, bytes | None] = OrderedDict()
 
     # --- asking ---------------------------------------------------------------------------
-    async def ask(self, session_id: str, command: Command, *, forward: bool = True) -> Reply:
+    async def ask(self, session_id: str, command: Command, *, forward: bool = True,
+                  reply_to: ReplyTo | None = None) -> Reply:
         """Run `command` on the session's owner. `forward=False` (serving an inbox entry): never
         forward again; raise Moved if another live instance owns it."""
         host = self.host
@@ -112,7 +113,7 @@ class Router:
                 actor = host.local_actor(session_id)
                 if actor is not None:
                     try:
-                        return await actor.ask(command)
+                        return await actor.ask(command, reply_to)
                     except Moved:
                         continue
                 left = stop - time.monotonic()
@@ -224,8 +225,17 @@ class Router:
         served[rid] = None
         if len(served) > _MAX_SERVED:
             served.popitem(last=False)
+        address = msg["a"]
+
+        def answer(reply: Reply, checkpoint: bytes) -> tuple[str, bytes]:
+            return address, msgpack.packb(
+                {"r": rid, "k": REPLY_OK, "o": reply.outcome, "t": reply.now_ms, "st": checkpoint})
+
         try:
-            reply = await self.ask(msg["s"], decode_command(msg["c"]), forward=False)
+            reply = await self.ask(msg["s"], decode_command(msg["c"]), forward=False, reply_to=answer)
+            if reply.published is not None:  # went out with the fenced write itself
+                served[rid] = reply.published
+                return
             out: dict[str, Any] = {
                 "r": rid, "k": REPLY_OK, "o": reply.outcome, "t": reply.now_ms,
                 "st": codec.encode(reply.state) if reply.state is not None else None,

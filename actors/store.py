@@ -14,11 +14,13 @@ class RedisStore:
         self.scripts = scripts
 
     async def write(
-        self, lease: Lease, session_id: str, checkpoint: bytes, message: bytes, deadline_ms: int | None
+        self, lease: Lease, session_id: str, checkpoint: bytes, message: bytes, deadline_ms: int | None,
+        reply: tuple[str, bytes] | None = None,
     ) -> int:
-        """Checkpoint + outbox + publish + deadline in one round trip: 1 / 0 fenced / -1 lost."""
+        """Checkpoint + outbox + publish + deadline (+ a forwarded asker's answer) in one round
+        trip: 1 / 0 fenced / -1 lost."""
         return int(await self.scripts.do_fenced_write(
-            lease.incarnation, lease.epoch, session_id, checkpoint, message, deadline_ms))
+            lease.incarnation, lease.epoch, session_id, checkpoint, message, deadline_ms, reply))
 
     async def delete(self, lease: Lease, session_id: str, message: bytes) -> int:
         """Delete checkpoint, release the lease, outbox + publish the deletion: 1 / 0 / -1."""

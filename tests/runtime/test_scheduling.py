@@ -41,7 +41,8 @@ class MemoryStore:
         self.released: list[str] = []
         self.answer: int | None = None  # force a reply code (e.g. LIVENESS_LOST)
 
-    async def write(self, lease: Lease, sid: str, checkpoint: bytes, message: bytes, deadline: int | None) -> int:
+    async def write(self, lease: Lease, sid: str, checkpoint: bytes, message: bytes, deadline: int | None,
+                    reply: Any = None) -> int:
         await anyio.lowlevel.checkpoint()  # a real await point, so interleavings can happen
         if self.answer is not None:
             return self.answer
