@@ -76,7 +76,8 @@ async def _send_pings(self: H.WSStream) -> None:
         if not self._kairos_pong:
             # The previous ping went unanswered for a whole interval: the peer is gone.
             await self._send_wsproto_event(CloseConnection(code=1011, reason="Heartbeat missed"))
-            await self.send(StreamClosed(stream_id=self.stream_id))
+            await self.handle(StreamClosed(stream_id=self.stream_id))  # tells the app: disconnect
+            await self.send(StreamClosed(stream_id=self.stream_id))  # closes the transport
             return
         self._kairos_pong = False
         await self._send_wsproto_event(Ping())

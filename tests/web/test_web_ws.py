@@ -37,7 +37,8 @@ def server_b(redis_url: str, database_url: str, module_prefix: str) -> Iterator[
 
 def make_session(server: KairosServer, **extra: object) -> tuple[str, list[str]]:
     body = chess_body(**extra)
-    r = httpx.post(f"{server.url}/v1/sessions", json=body, headers=bearer(server.token("host-1")))
+    with httpx.Client() as c:
+        r = c.post(f"{server.url}/v1/sessions", json=body, headers=bearer(server.token("host-1")))
     assert r.status_code == 201, r.text
     return body["session_id"], [p["participant_id"] for p in body["participants"]]
 
