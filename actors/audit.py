@@ -184,7 +184,10 @@ class AuditWorker:
         claim_idle_ms: int = 30_000,
         housekeeping_s: float = 1.0,
         backoff_cap_s: float = 2.0,
+        consumer_gc_ms: int = 3_600_000,
     ) -> None:
+        self.consumer_gc_ms = consumer_gc_ms
+        self._next_gc = 0.0
         self.outbox = OutboxConsumer(
             redis, keys, AUDIT_GROUP, consumer, start_id="0", batch_size=batch_size,
             block_ms=block_ms, claim_idle_ms=claim_idle_ms, parse=False,
@@ -330,6 +333,10 @@ class AuditWorker:
             trimmed = await self.outbox.trim()
             OUTBOX_TRIMMED.inc(trimmed)
             lag = await self.outbox.lag()
+            if now >= self._next_gc:
+                self._next_gc = now + max(1.0, self.consumer_gc_ms / 10_000)
+                for name in await self.outbox.forget_idle_consumers(self.consumer_gc_ms):
+                    log.info("audit: removed idle consumer %s (no pending entries)", name)
         except (RedisError, OSError) as e:
             log.warning("audit: housekeeping failed: %s", e)
             return
@@ -446,9 +453,10 @@ class AuditServices:
 
         A page never splits one version's events (so `after_version` = the last version seen is
         a correct cursor); it may exceed `limit` only when a single version has more events.
-        Each item: `session_id`, `version`, `type`, `timestamp` (ISO), `at_ms`, `data`, `state`
-        (the session after the change, null when deleted) and, when known, `participant_id`,
-        `group_id`, `time_remaining_ms`, `time_elapsed_ms`, `cycle_number`.
+        Each item: `session_id`, `version`, `type`, `timestamp` (ISO), `at_ms`, `participant_id`
+        (nullable), `data` (the event's data), `state` (the session after the change, null when
+        deleted) and, when known, `group_id`, `time_remaining_ms`, `time_elapsed_ms`,
+        `cycle_number`.
         """
         sid = session_id.lower()
         after = -1 if after_version is None else int(after_version)
@@ -514,8 +522,9 @@ def _event_json(session_id: str, row: asyncpg.Record) -> dict[str, Any]:
         "type": row["event_type"],
         "timestamp": iso_ms(at_ms),
         "at_ms": at_ms,
+        "participant_id": row["participant_id"],
     }
-    for key in ("participant_id", "group_id", "time_remaining_ms", "time_elapsed_ms", "cycle_number"):
+    for key in ("group_id", "time_remaining_ms", "time_elapsed_ms", "cycle_number"):
         if row[key] is not None:
             out[key] = row[key]
     out["data"] = json.loads(row["metadata"]) if row["metadata"] is not None else {}

@@ -220,6 +220,21 @@ class OutboxConsumer:
                 floor = min(floor, _s(summary["min"]), key=_id_key)
         return floor
 
+    async def forget_idle_consumers(self, min_idle_ms: int) -> list[str]:
+        """Remove consumers (earlier incarnations) that hold nothing and have not read for
+        `min_idle_ms`, so the group's consumer list does not grow with every restart."""
+        gone: list[str] = []
+        try:
+            consumers = await self.redis.xinfo_consumers(self.stream, self.group)
+        except ResponseError:
+            return gone
+        for c in consumers:
+            name = _s(c["name"])
+            if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) >= min_idle_ms:
+                await self.redis.xgroup_delconsumer(self.stream, self.group, name)
+                gone.append(name)
+        return gone
+
     async def _groups(self) -> list[dict]:
         try:
             return list(await self.redis.xinfo_groups(self.stream))

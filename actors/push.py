@@ -240,6 +240,7 @@ class PushWorker:
         self.backoff_cap_s = backoff_cap_s
         self.housekeeping_s = housekeeping_s
         self._next_housekeeping = 0.0
+        self._next_gc = 0.0
         self.results: dict[str, int] = {}  # outcome -> count, for tests and logs
 
     async def __aenter__(self) -> PushWorker:
@@ -362,6 +363,9 @@ class PushWorker:
         self._next_housekeeping = now + self.housekeeping_s
         try:
             lag = await self.outbox.lag()
+            if now >= self._next_gc:
+                self._next_gc = now + 360.0
+                await self.outbox.forget_idle_consumers(3_600_000)  # earlier incarnations
         except (RedisError, OSError):
             return
         PUSH_PENDING.set(lag.pending)

@@ -139,5 +139,6 @@ async def test_consumer_killed_mid_batch_is_taken_over_without_duplicates(
                              consumer="survivor", claim_idle_ms=300, batch_size=100) as audit:
         await eventually(lambda: drained(audit), within=30, what="survivor caught up")
         assert audit.worker.outbox.reclaimed >= 100  # the doomed batch, taken over
+        assert await audit.worker.outbox.forget_idle_consumers(0) == [doomed]  # holds nothing now
     assert await _rows_of(database_url, lives) == (320, 320)
 
