@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from actors.metrics import DEADLINE_LATENESS
 from kairos import codec, rules, wire
 from kairos.commands import Command, Create, Delete, Switch, Tick
 from kairos.errors import KairosError, RateLimited, SessionExists, SessionNotFound, Unavailable
@@ -313,9 +314,12 @@ class Actor:
         if state is None:
             return
         now = self.rt.clock()
+        due = self.deadline
         result = rules.apply(state, Tick(), now)
         if result.changed:
             await self._persist(result, now)
+            if due is not None:
+                DEADLINE_LATENESS.observe(max(0, now - due) / 1000)
         else:
             # Guard against a deadline that apply() does not honour: never spin on it.
             if self.deadline is not None and self.deadline <= now:

@@ -23,6 +23,7 @@ import anyio
 from actors.actor import Actor, Lease, Reply
 from actors.keys import Keys, Scripts
 from actors.membership import Membership
+from actors.metrics import DRAIN_SECONDS, LEASES_CLAIMED, LIVENESS_LOST
 from actors.router import Router
 from actors.store import RedisStore
 from actors.sweeper import Sweeper
@@ -162,6 +163,7 @@ class Host:
         hashing over the live list), which activates it at once. Returns when none is left here;
         bound it with a timeout. Commands caught in between get MOVED and are re-routed."""
         self.draining = True
+        started = time.monotonic()
         try:
             await self.membership.renew()  # publish the draining flag now, not at the next renewal
         except Exception:
@@ -179,6 +181,7 @@ class Host:
             async with anyio.create_task_group() as tg:
                 for actor in list(self._actors.values()):
                     tg.start_soon(hand_off, actor, targets)
+        DRAIN_SECONDS.observe(time.monotonic() - started)
 
     async def ping(self) -> None:
         """Raise if Redis is unreachable (for /ready)."""
@@ -209,6 +212,7 @@ class Host:
         old = self._actors.get(session_id)
         if old is not None:
             old.close()
+        LEASES_CLAIMED.labels(reason).inc()
         actor = Actor(self, session_id, lease, state)
         self._actors[session_id] = actor
         actor.start()
@@ -233,6 +237,7 @@ class Host:
         return {"draining": self.draining, "actors": len(self._actors)}
 
     async def _stop_incarnation(self, incarnation: str) -> None:
+        LIVENESS_LOST.inc()
         for actor in list(self._actors.values()):
             if actor.lease.incarnation == incarnation:
                 actor.close()

@@ -22,6 +22,7 @@ import anyio
 import msgpack
 
 from actors.actor import Lease, Moved, Reply, ReplyTo
+from actors.metrics import COMMANDS_RETRIED
 from kairos import codec
 from kairos.commands import (
     Cancel,
@@ -115,6 +116,7 @@ class Router:
                     try:
                         return await actor.ask(command, reply_to)
                     except Moved:
+                        COMMANDS_RETRIED.labels("moved").inc()
                         continue
                 left = stop - time.monotonic()
                 if left <= 0:
@@ -150,6 +152,7 @@ class Router:
                     reply = await self._await_owner(rid, session_id, owner, stop)
                     if reply is not None:
                         return reply
+                    COMMANDS_RETRIED.labels("owner_gone").inc()
                     self._hints.pop(session_id, None)  # MOVED, owner gone, or out of time: look again
                 elif code == NOT_ALIVE:
                     await host.membership.lost(inc)

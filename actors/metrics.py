@@ -1,0 +1,21 @@
+"""Prometheus metrics of the runtime (default registry: `/metrics` of the web edge shows them)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+LEASES_CLAIMED = Counter(
+    "kairos_leases_claimed_total", "Session leases claimed by this instance",
+    ["reason"],  # new | released (passivated/deleted before) | takeover (owner died) | handoff | self
+)
+DEADLINE_LATENESS = Histogram(
+    "kairos_deadline_lateness_seconds", "How late a deadline (expiry, time-out, warning) was applied",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+COMMANDS_RETRIED = Counter(
+    "kairos_commands_retried_total", "Routing retries of a command", ["why"],  # moved | owner_gone
+)
+LIVENESS_LOST = Counter("kairos_liveness_lost_total", "Times this process lost its incarnation")
+DRAIN_SECONDS = Histogram(
+    "kairos_drain_seconds", "Time to hand off every lease on drain", buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60),
+)
