@@ -2,7 +2,8 @@
 
 Format: msgpack of a positional list (no key names), tagged with a format number so a future
 layout can still read old checkpoints. Participants are positional rows. The idempotency window
-is a list of [command_id, outcome] pairs, oldest first, so its eviction order survives.
+is a list of [command_id, version, expired_participant_id] rows, oldest first, so its eviction
+order survives (an outcome of any other shape is kept whole as [command_id, outcome]).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def encode(state: Session) -> bytes:
             s.visibility.value, s.active_index, s.time_per_cycle_ms, s.increment_ms,
             s.max_time_ms, s.time_warning_ms, s.metadata, s.cycle_started_at_ms,
             s.session_started_at_ms, s.session_completed_at_ms, s.global_remaining_ms, s.warned,
-            list(s.recent.items()), s.turn_elapsed_ms,
+            _pack_recent(s.recent), s.turn_elapsed_ms,
         ),
         use_bin_type=True,
     )
@@ -72,6 +73,26 @@ def decode(data: bytes) -> Session:
         session_completed_at_ms=completed_at,
         global_remaining_ms=shared,
         warned=warned,
-        recent=dict(recent),
+        recent=_unpack_recent(recent),
         turn_elapsed_ms=turn_elapsed,
     )
+
+
+_OUTCOME_KEYS = ("version", "expired_participant_id")
+
+
+def _pack_recent(recent: dict[str, dict]) -> list[tuple]:
+    rows: list[tuple] = []
+    for cid, outcome in recent.items():
+        if tuple(outcome) == _OUTCOME_KEYS:
+            rows.append((cid, outcome["version"], outcome["expired_participant_id"]))
+        else:
+            rows.append((cid, outcome))
+    return rows
+
+
+def _unpack_recent(rows: list[list]) -> dict[str, dict]:
+    return {
+        row[0]: {"version": row[1], "expired_participant_id": row[2]} if len(row) == 3 else row[1]
+        for row in rows
+    }

@@ -144,3 +144,10 @@ def test_codec_round_trips_every_field_exactly() -> None:
 def test_codec_refuses_an_unknown_format() -> None:
     with pytest.raises(ValueError, match="unknown checkpoint format"):
         decode(msgpack.packb([99]))
+
+
+def test_codec_keeps_an_outcome_of_another_shape_whole() -> None:
+    s = apply(None, make_create(), T0).state
+    s.recent = {"a": {"version": 1, "expired_participant_id": None}, "b": {"other": [1]}}
+    assert decode(encode(s)).recent == s.recent
+    assert list(decode(encode(s)).recent) == ["a", "b"]
