@@ -233,10 +233,7 @@ def _switch(d: Draft, cmd: Switch, now_ms: int) -> None:
     nxt = target if target is not None else _next_index(s, a)
     assert nxt is not None  # the active participant itself is never expired here
     _begin_turn(d, nxt, now_ms)
-    d.emit(ev.CYCLE_SWITCHED, now_ms, s.participants[nxt].participant_id,
-           previous_participant_id=prev.participant_id, time_elapsed_ms=elapsed,
-           time_remaining_ms=shown_remaining(s, prev), cycle_number=prev.cycle_count,
-           reason="switch")
+    _switched(d, now_ms, prev, elapsed, prev.cycle_count, "switch")
     _catch_up(d, now_ms)
 
 
@@ -394,9 +391,7 @@ def _expiry_step(d: Draft, at_ms: int) -> None:
                time_remaining_ms=0, cycle_number=p.cycle_count,
                next_participant_id=s.participants[nxt].participant_id)
         _begin_turn(d, nxt, at_ms)
-        d.emit(ev.CYCLE_SWITCHED, at_ms, s.participants[nxt].participant_id,
-               previous_participant_id=p.participant_id, time_elapsed_ms=elapsed,
-               time_remaining_ms=0, cycle_number=p.cycle_count, reason="turn_timed_out")
+        _switched(d, at_ms, p, elapsed, p.cycle_count, "turn_timed_out")
         return
     expired = _expire_members(d, i)
     d.expired_participant_id = p.participant_id
@@ -412,9 +407,7 @@ def _expiry_step(d: Draft, at_ms: int) -> None:
         nxt = _next_index(s, i)
         assert nxt is not None
         _begin_turn(d, nxt, at_ms)
-        d.emit(ev.CYCLE_SWITCHED, at_ms, s.participants[nxt].participant_id,
-               previous_participant_id=p.participant_id, time_elapsed_ms=elapsed,
-               time_remaining_ms=0, cycle_number=p.cycle_count + 1, reason="participant_expired")
+        _switched(d, at_ms, p, elapsed, p.cycle_count + 1, "participant_expired")
         return
     _finish(d, Status.EXPIRED, at_ms)
     reason = "max_time_reached" if s.sync_mode is SyncMode.COUNT_UP else "time_expired"
@@ -445,6 +438,21 @@ def _begin_turn(d: Draft, index: int, at_ms: int) -> None:
     s.cycle_started_at_ms = at_ms
     s.turn_elapsed_ms = 0
     s.warned = False
+
+
+def _switched(d: Draft, at_ms: int, prev: Participant, elapsed: int, cycle_number: int,
+              reason: str) -> None:
+    """The cycle_switched event, once the new turn has begun: it concerns the new active
+    participant (`time_remaining_ms` is theirs, for a "your turn" push); the previous one's turn
+    is described by `previous_*`, `time_elapsed_ms` and `cycle_number`."""
+    s = d.s
+    new = s.active
+    assert new is not None
+    d.emit(ev.CYCLE_SWITCHED, at_ms, new.participant_id,
+           previous_participant_id=prev.participant_id, time_elapsed_ms=elapsed,
+           time_remaining_ms=shown_remaining(s, new),
+           previous_time_remaining_ms=shown_remaining(s, prev), cycle_number=cycle_number,
+           reason=reason)
 
 
 def _finish(d: Draft, status: Status, at_ms: int) -> None:

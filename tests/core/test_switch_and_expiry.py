@@ -160,3 +160,24 @@ def test_missed_deadline_while_clamped_is_never_negative() -> None:
     r = apply(r.state, Resume(), S + 20_000)  # the clamped turn expires at once on resume
     assert [e.type for e in r.events] == ["session_resumed", "participant_expired",
                                           "session_expired"]
+
+
+def test_cycle_switched_event_describes_both_sides_of_the_switch() -> None:
+    s = _started(n=2, bank=60_000, increment_ms=1000)
+    s = apply(s, Switch(), S + 5000).state
+    [e] = apply(s, Switch(), S + 7000).events
+    assert (e.type, e.participant_id, e.at_ms) == ("cycle_switched", P[0], S + 7000)
+    assert e.data == {"previous_participant_id": P[1], "time_elapsed_ms": 2000,
+                      "time_remaining_ms": 56_000, "previous_time_remaining_ms": 59_000,
+                      "cycle_number": 1, "reason": "switch"}
+
+
+def test_automatic_switch_events_give_the_new_turn_its_time() -> None:
+    s = _started("per_cycle", n=2, time_per_cycle_ms=4000)
+    e = apply(s, Tick(), S + 4000).events[1]
+    assert (e.participant_id, e.data["time_remaining_ms"], e.data["reason"]) == (
+        P[1], 4000, "turn_timed_out")
+    s = _started(n=3, bank=5000, expiry_policy="skip_participant")
+    e = apply(s, Tick(), S + 5000).events[1]
+    assert (e.participant_id, e.data["time_remaining_ms"], e.data["previous_time_remaining_ms"],
+            e.data["reason"]) == (P[1], 5000, 0, "participant_expired")
