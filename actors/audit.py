@@ -277,6 +277,7 @@ class AuditWorker:
                     log.warning("audit: PostgreSQL unavailable, retrying with backoff: %r", e)
                 await self._close_connection()
                 await self._keep(readable)
+                await self._housekeeping()  # keeps the lag gauges moving while we wait
                 await backoff.wait()
                 continue
             AUDIT_BATCHES.inc()

@@ -60,3 +60,10 @@ async def append(redis: aioredis.Redis, keys: Keys, messages: list[bytes]) -> li
     for m in messages:
         pipe.xadd(keys.outbox, {"m": m})
     return [i.decode() if isinstance(i, bytes) else i for i in await pipe.execute()]
+
+
+def start_pgserver(folder: str) -> Any:
+    """Start (or restart) an embedded PostgreSQL of our own in `folder` (blocking, ~1-3 s)."""
+    import pgserver
+
+    return pgserver.get_server(folder, cleanup_mode="stop")
