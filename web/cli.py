@@ -94,6 +94,7 @@ async def _serve(settings: Settings, fd: int | None) -> None:
     config.loglevel = settings.log_level.upper()
     config.graceful_timeout = max(1.0, settings.drain_timeout_s)
     config.keep_alive_timeout = 75
+    config.keep_alive_max_requests = 100_000  # Hypercorn's 1000 makes busy clients reconnect
     stop = anyio.Event()
 
     async def on_signals() -> None:
