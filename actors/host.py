@@ -19,6 +19,8 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.actor import Actor, Lease, Reply
 from actors.keys import Keys, Scripts
@@ -30,7 +32,7 @@ from actors.sweeper import Sweeper
 from actors.timers import Timers
 from kairos import codec
 from kairos.commands import Command
-from kairos.errors import SessionNotFound
+from kairos.errors import SessionNotFound, Unavailable
 from kairos.session import Session
 
 __all__ = ["Host", "Reply"]
@@ -141,7 +143,10 @@ class Host:
         actor = self.local_actor(session_id)
         if actor is not None and actor.state is not None:
             return actor.state
-        raw = await self.scripts.do_load_checkpoint(session_id)
+        try:
+            raw = await self.scripts.do_load_checkpoint(session_id)
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            raise Unavailable("Session store unreachable, please retry", retry_after=1) from e
         if raw is not None:
             return codec.decode(raw)
         if self.restore is not None:

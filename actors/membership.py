@@ -48,6 +48,7 @@ class Membership:
         # monotonic() before which our liveness key surely still exists (the renewal that set it
         # was sent no earlier than this minus TTL); monotonic time keeps counting through SIGSTOP.
         self._trusted_until = 0.0
+        self._rejoining: anyio.Event | None = None
 
     def _payload(self) -> bytes:
         info = {"instance_id": self.instance_id, "incarnation": self.incarnation}
@@ -76,21 +77,30 @@ class Membership:
         return ok
 
     async def lost(self, incarnation: str) -> None:
-        """Our incarnation `incarnation` is gone: stop its actors, rejoin as a new one (once)."""
+        """Our incarnation `incarnation` is gone: stop its actors, rejoin as a new one (once).
+        Returns once the new incarnation is live (callers who noticed too just wait for that)."""
+        if self._rejoining is not None:
+            await self._rejoining.wait()
+            return
         if incarnation != self.incarnation:
             return  # someone already handled this loss
-        self._trusted_until = 0.0
-        old = self.incarnation
-        self.incarnation = new_incarnation()
-        log.warning("liveness lost", extra={"incarnation": old, "new_incarnation": self.incarnation})
-        await self._on_lost(old)
-        while True:
-            try:
-                await self.join()
-                return
-            except Exception as e:  # Redis down: keep trying, we own nothing meanwhile
-                log.warning("rejoin failed: %r", e)
-                await anyio.sleep(self.ttl_ms / 5 / 1000)
+        self._rejoining = rejoined = anyio.Event()
+        try:
+            self._trusted_until = 0.0
+            old = self.incarnation
+            self.incarnation = new_incarnation()
+            log.warning("liveness lost: incarnation %s, rejoining as %s", old, self.incarnation)
+            await self._on_lost(old)
+            while True:
+                try:
+                    await self.join()
+                    return
+                except Exception as e:  # Redis down: keep trying, we own nothing meanwhile
+                    log.warning("rejoin failed: %r", e)
+                    await anyio.sleep(self.ttl_ms / 5 / 1000)
+        finally:
+            self._rejoining = None
+            rejoined.set()
 
     async def run(self) -> None:
         """Renew every TTL/5 until cancelled; on a lapse, hand over to `lost()`."""

