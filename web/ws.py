@@ -181,6 +181,12 @@ def register_ws(app: Quart, svc: Any) -> None:
             await websocket.close(1012, "Service restart")
             return
         try:
+            # Connections count against the caller's general limit, like REST requests.
+            svc.limiter.hit(caller.sub if svc.auth.enabled else _peer(svc))
+        except KairosError:
+            await websocket.close(1008, "Rate limit exceeded")
+            return
+        try:
             A.require_read(caller, await svc.host.get(sid))
         except SessionNotFound:
             await websocket.close(1008, "Session not found")
@@ -207,6 +213,10 @@ def register_ws(app: Quart, svc: Any) -> None:
             metrics.WS_CONNECTIONS.dec()
             sock.send_stream.close()
             await relays.leave(sid, sock)
+
+
+def _peer(svc: Any) -> str:
+    return svc.addresses.resolve(websocket.remote_addr, websocket.headers.get("X-Forwarded-For"))
 
 
 async def _sender(sock: Socket) -> None:
@@ -262,8 +272,7 @@ async def _command(svc: Any, sid: str, caller: A.Caller, kind: str, msg: dict[st
     request_id = msg.get("request_id")
     request_id = request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
     try:
-        if svc.auth.enabled:
-            svc.limiter.hit(caller.sub)
+        svc.limiter.hit(caller.sub if svc.auth.enabled else _peer(svc))
         state = None if caller.is_admin else await svc.host.get(sid)
         if kind == "SWITCH":
             nxt, expected = msg.get("next_participant_id"), msg.get("expected_active_participant_id")

@@ -1,0 +1,99 @@
+"""Pure pieces of the web edge: limiter windows, proxy addresses, WS frames, socket queues, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from kairos.errors import RateLimited
+from web.errors import error_body, from_pydantic, ws_error_frame
+from web.limits import ClientAddress, GeneralLimiter
+from web.schemas import CreateSession
+from web.ws import Socket, update_frames
+
+
+class FakeClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_general_limiter_counts_per_caller_and_resets_each_window() -> None:
+    clock = FakeClock(600.0)
+    lim = GeneralLimiter(2, clock)
+    assert lim.hit("a") is not None and lim.hit("a").remaining == 0  # type: ignore[union-attr]
+    with pytest.raises(RateLimited) as info:
+        lim.hit("a")
+    assert info.value.retry_after == 60
+    assert lim.hit("b").remaining == 1  # type: ignore[union-attr]
+    clock.t = 659.5
+    with pytest.raises(RateLimited) as info:
+        lim.hit("a")
+    assert info.value.retry_after == 1
+    clock.t = 660.0
+    assert lim.hit("a").remaining == 1  # type: ignore[union-attr]
+
+
+def test_zero_disables_the_general_limit() -> None:
+    lim = GeneralLimiter(0, FakeClock(0))
+    assert all(lim.hit("a") is None for _ in range(1000))
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
+    addr = ClientAddress(["10.0.0.0/8"])
+    assert addr.resolve("203.0.113.9", "1.2.3.4") == "203.0.113.9"  # untrusted peer: ignore header
+    assert addr.resolve("10.0.0.2", "1.2.3.4") == "1.2.3.4"
+    assert addr.resolve("10.0.0.2", "6.6.6.6, 1.2.3.4, 10.0.0.7") == "1.2.3.4"  # spoofed left part
+    assert addr.resolve("10.0.0.2", None) == "10.0.0.2"
+    assert ClientAddress([]).resolve("10.0.0.2", "1.2.3.4") == "10.0.0.2"
+
+
+def _message(events: list[dict], state: dict | None, expired: str | None = None) -> bytes:
+    msg = {"session_id": "s", "version": 5, "server_time_ms": 1000, "events": events, "state": state}
+    if expired:
+        msg["expired_participant_id"] = expired
+    return json.dumps(msg).encode()
+
+
+def test_update_frames_order_warning_expired_then_update() -> None:
+    state = {"status": "expired", "version": 5}
+    frames, deleted = update_frames(_message(
+        [{"type": "time_warning", "participant_id": "p", "data": {"time_remaining_ms": 9}}], state, "p"))
+    kinds = [json.loads(f)["type"] for f in frames]
+    assert kinds == ["TIME_WARNING", "TIME_EXPIRED", "STATE_UPDATE"] and not deleted
+    warning = json.loads(frames[0])
+    assert warning == {"type": "TIME_WARNING", "sessionId": "s", "timestamp": 1000, "participant_id": "p",
+                       "remaining_ms": 9}
+
+
+def test_update_frames_for_a_deletion() -> None:
+    frames, deleted = update_frames(_message([{"type": "session_deleted"}], None))
+    assert deleted and [json.loads(f) for f in frames] == [
+        {"type": "SESSION_DELETED", "sessionId": "s", "timestamp": 1000}]
+
+
+def test_a_full_socket_queue_drops_the_socket_without_blocking() -> None:
+    sock = Socket(2)
+    assert sock.push("a") and sock.push("b")
+    assert not sock.push("c")
+    assert sock.close_code == 1013 and sock.closing.is_set() and sock.flushed.is_set()
+
+
+def test_pydantic_errors_become_dotted_details() -> None:
+    with pytest.raises(ValidationError) as info:
+        CreateSession.model_validate({"session_id": "x", "sync_mode": "global",
+                                      "participants": [{"participant_id": "y", "total_time_ms": 1}]})
+    body = error_body(from_pydantic(info.value))
+    fields = {d["field"]: d["code"] for d in body["error"]["details"]}
+    assert fields == {"session_id": "invalid_uuid", "participants.0.participant_id": "invalid_uuid",
+                      "participants.0.total_time_ms": "too_small"}
+
+
+def test_ws_error_frame_carries_request_id_and_retry() -> None:
+    frame = json.loads(ws_error_frame(RateLimited("slow down", retry_after=2), "r-1"))
+    assert frame == {"type": "ERROR", "code": "RATE_LIMIT_EXCEEDED", "message": "slow down",
+                     "retry_after_seconds": 2, "request_id": "r-1"}
