@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from actors import migrations
 from actors.consumer import Backoff, Entry, Lag, OutboxConsumer
-from actors.keys import AUDIT_GROUP, Keys
+from actors.keys import AUDIT_GROUP, PUSH_GROUP, Keys
 from kairos.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -185,8 +185,10 @@ class AuditWorker:
         housekeeping_s: float = 1.0,
         backoff_cap_s: float = 2.0,
         consumer_gc_ms: int = 3_600_000,
+        abandoned_push_ms: int = 600_000,
     ) -> None:
         self.consumer_gc_ms = consumer_gc_ms
+        self.abandoned_push_ms = abandoned_push_ms
         self._next_gc = 0.0
         self.outbox = OutboxConsumer(
             redis, keys, AUDIT_GROUP, consumer, start_id="0", batch_size=batch_size,
@@ -331,7 +333,7 @@ class AuditWorker:
             return
         self._next_housekeeping = now + self.housekeeping_s
         try:
-            trimmed = await self.outbox.trim()
+            trimmed = await self.outbox.trim(lossy={PUSH_GROUP: self.abandoned_push_ms})
             OUTBOX_TRIMMED.inc(trimmed)
             lag = await self.outbox.lag()
             if now >= self._next_gc:

@@ -241,12 +241,29 @@ class OutboxConsumer:
         except ResponseError:  # no stream yet
             return []
 
-    async def trim(self) -> int:
-        """Trim the entries every group has acknowledged; returns how many were removed."""
-        groups = await self._groups()
-        if not groups:
+    async def _abandoned(self, group: str, idle_ms: int) -> bool:
+        """True when no consumer of `group` has read for `idle_ms` (or it has none)."""
+        try:
+            consumers = await self.redis.xinfo_consumers(self.stream, group)
+        except ResponseError:
+            return False
+        return all(int(c["idle"]) >= idle_ms for c in consumers)
+
+    async def trim(self, lossy: dict[str, int] | None = None) -> int:
+        """Trim the entries every group has acknowledged; returns how many were removed.
+
+        `lossy` maps groups that may miss entries (push) to an idle time: such a group is not
+        waited for once none of its consumers has read for that long (push switched off on
+        every instance), or the stream would grow until Redis refuses writes.
+        """
+        floors = []
+        for g in await self._groups():
+            name = _s(g["name"])
+            if lossy and name in lossy and await self._abandoned(name, lossy[name]):
+                continue
+            floors.append(await self._group_floor(g))
+        if not floors:
             return 0
-        floors = [await self._group_floor(g) for g in groups]
         return int(await self.redis.xtrim(self.stream, minid=min(floors, key=_id_key), approximate=False))
 
     async def lag(self) -> Lag:

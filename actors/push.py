@@ -266,6 +266,13 @@ class PushWorker:
         while True:
             try:
                 await self.outbox.ensure_group()
+                break
+            except (RedisError, OSError) as e:
+                log.warning("push: cannot create consumer group yet: %s", e)
+                await backoff.wait()
+        backoff.reset()
+        while True:
+            try:
                 batch = await self.outbox.next_batch()
             except (RedisError, OSError) as e:
                 log.warning("push: outbox read failed: %s", e)
