@@ -81,7 +81,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     create = draw(creates())
     n = len(create.participants)
     gap = st.sampled_from([0, 1, 999, 1000]) | st.integers(0, 12_000)
-    steps = draw(st.lists(st.tuples(gap, commands(n)), min_size=1, max_size=25))
+    steps = draw(st.lists(st.tuples(gap, commands(n)), min_size=1, max_size=18))
     # Most runs start right away, so the interesting part is not spent on refused commands.
     if draw(st.booleans()):
         steps.insert(0, (0, Start()))
