@@ -88,6 +88,7 @@ class Host:
         self._actors: dict[str, Actor] = {}
         self._locks: dict[str, tuple[anyio.Lock, list[int]]] = {}
         self._activations = 0
+        self._successors: list[str] = []  # live, non-draining instances (set by drain())
         self._tg: anyio.abc.TaskGroup | None = None
 
     # --- lifetime --------------------------------------------------------------------------
@@ -183,6 +184,7 @@ class Host:
             me = self.incarnation
             targets = [i["incarnation"] for i in await self.instances()
                        if not i.get("draining") and i["incarnation"] != me]
+            self._successors = targets
             async with anyio.create_task_group() as tg:
                 for actor in list(self._actors.values()):
                     tg.start_soon(hand_off, actor, targets)
@@ -232,6 +234,12 @@ class Host:
 
     async def on_liveness_lost(self, incarnation: str) -> None:
         await self.membership.lost(incarnation)
+
+    def successor(self, session_id: str) -> str | None:
+        """While draining: the live instance that takes `session_id` over (None otherwise)."""
+        if not self.draining or not self._successors:
+            return None
+        return rendezvous(session_id, self._successors)
 
     def claim_lock(self, session_id: str) -> _ClaimLock:
         """Serialises claims of one session within this host (claims elsewhere are fenced)."""

@@ -113,7 +113,9 @@ return out
 # --- claim or forward (activation and routing in one round trip) -------------------------------
 # KEYS[1] lease(sid), KEYS[2] my liveness key, KEYS[3] checkpoint(sid)
 # ARGV[1] my incarnation, ARGV[2] key prefix, ARGV[3] may_claim "1"/"0",
-# ARGV[4] forward payload ("" = do not forward), ARGV[5] inbox TTL ms, ARGV[6] lease TTL ms
+# ARGV[4] forward payload ("" = do not forward), ARGV[5] inbox TTL ms, ARGV[6] lease TTL ms,
+# ARGV[7] claim on behalf of this live incarnation instead ("" = me; a draining instance hands
+#         a free session straight to its successor and forwards the payload there: reply {2, it})
 # Returns
 #   {1, epoch, checkpoint|nil, reason}  claimed (reason new|released|takeover|self), epoch + 1
 #   {2, owner}   a live other instance owns it; payload RPUSHed onto its inbox
@@ -145,6 +147,17 @@ elseif owner == '' then
 end
 if ARGV[3] ~= '1' then return {4} end
 epoch = epoch + 1
+if ARGV[7] ~= '' and ARGV[7] ~= ARGV[1] then
+  if redis.call('EXISTS', ARGV[2] .. 'i:' .. ARGV[7] .. ':alive') == 0 then return {4} end
+  redis.call('HSET', KEYS[1], 'o', ARGV[7], 'e', epoch)
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  if ARGV[4] ~= '' then
+    local inbox = ARGV[2] .. 'i:' .. ARGV[7] .. ':inbox'
+    redis.call('RPUSH', inbox, ARGV[4])
+    redis.call('PEXPIRE', inbox, ARGV[5])
+  end
+  return {2, ARGV[7]}
+end
 redis.call('HSET', KEYS[1], 'o', ARGV[1], 'e', epoch)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return {1, epoch, redis.call('GET', KEYS[3]), reason}
@@ -318,14 +331,16 @@ class Scripts:
 
     # leases and checkpoints
     async def do_claim_or_forward(
-        self, incarnation: str, session_id: str, *, may_claim: bool, payload: bytes = b""
+        self, incarnation: str, session_id: str, *, may_claim: bool, payload: bytes = b"",
+        claim_for: str = "",
     ) -> list[Any]:
         """See CLAIM_OR_FORWARD for the reply shapes."""
         k = self.keys
         async with self._connection_slot():
             return await self._claim(
                 keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id)],
-                args=[incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS],
+                args=[incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS,
+                      claim_for],
             )
 
     async def do_fenced_write(

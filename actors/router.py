@@ -140,8 +140,10 @@ class Router:
                                 continue
                             if forward and session_id in self._hints:
                                 continue  # someone learnt the owner meanwhile: forward without the lock
+                            successor = host.successor(session_id) if forward else None
                             r = await host.scripts.do_claim_or_forward(
-                                inc, session_id, may_claim=not host.draining, payload=payload)
+                                inc, session_id, may_claim=not host.draining or successor is not None,
+                                payload=payload, claim_for=successor or "")
                             if r[0] == CLAIMED:
                                 host.activate(session_id, Lease(inc, int(r[1])), r[2], r[3].decode())
                                 continue

@@ -75,6 +75,11 @@ async def test_drain_hands_every_session_off_without_failing_a_command(redis: An
             assert owners <= {a.incarnation, b.incarnation}
             expected = {s: rendezvous(s, [a.incarnation, b.incarnation]) for s in sids}
             assert {s: (await a.scripts.do_read_lease(s))[0] for s in sids} == expected
+            # a drained instance still serves: it hands new (unowned) sessions to their successor
+            fresh = str(uuid.uuid4())
+            assert (await c.ask(fresh, create_command(fresh))).outcome["version"] == 1
+            assert c.actor_count() == 0
+            assert (await c.scripts.do_read_lease(fresh))[0] == rendezvous(fresh, [a.incarnation, b.incarnation])
         versions: dict[str, list[int]] = defaultdict(list)
         for _, fields in await redis.xrange(keys.outbox):
             m = json.loads(fields[b"m"])
