@@ -206,27 +206,11 @@ class AuditWorker:
 
     async def run(self) -> None:
         """Consume forever (until cancelled); never raises on Redis or PostgreSQL outages."""
-        backoff = Backoff(cap_s=self.backoff_cap_s)
-        while True:
-            try:
-                await self.outbox.ensure_group()
-                break
-            except (RedisError, OSError) as e:
-                log.warning("audit: cannot create consumer group yet: %s", e)
-                await backoff.wait()
-        backoff.reset()
         try:
-            while True:
-                try:
-                    batch = await self.outbox.next_batch()
-                except (RedisError, OSError) as e:
-                    log.warning("audit: outbox read failed: %s", e)
-                    await backoff.wait()
-                    continue
-                backoff.reset()
+            async for batch in self.outbox.batches(self.backoff_cap_s):
                 if batch:
                     await self._store(batch)
-                    await self._ack([e.id for e in batch])
+                    await self.outbox.ack([e.id for e in batch])
                 await self._housekeeping()
         finally:
             with anyio.CancelScope(shield=True):
@@ -278,7 +262,7 @@ class AuditWorker:
                 if backoff.attempt == 0:
                     log.warning("audit: PostgreSQL unavailable, retrying with backoff: %r", e)
                 await self._close_connection()
-                await self._keep(readable)
+                await self.outbox.keep([e.id for e in readable])
                 await self._housekeeping()  # keeps the lag gauges moving while we wait
                 await backoff.wait()
                 continue
@@ -307,25 +291,6 @@ class AuditWorker:
             AUDIT_ROWS.inc(inserted)
             AUDIT_DUPLICATES.inc(duplicates)
             self.stored += inserted
-
-    async def _keep(self, entries: list[Entry]) -> None:
-        try:
-            await self.outbox.keep([e.id for e in entries])
-        except (RedisError, OSError) as e:
-            log.warning("audit: could not refresh claim on in-flight entries: %s", e)
-
-    async def _ack(self, ids: list[str]) -> None:
-        backoff = Backoff(cap_s=self.backoff_cap_s)
-        while True:
-            try:
-                await self.outbox.ack(ids)
-                return
-            except (RedisError, OSError) as e:
-                # Unacked entries would only be stored again (idempotently); keep trying a while.
-                log.warning("audit: ack failed: %s", e)
-                if backoff.attempt >= 8:
-                    return
-                await backoff.wait()
 
     async def _housekeeping(self) -> None:
         now = time.monotonic()

@@ -12,12 +12,13 @@ import json
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from actors.keys import Keys
 
@@ -197,18 +198,53 @@ class OutboxConsumer:
             log.info("outbox %s: reclaimed %d idle entries", self.group, len(entries))
         return entries
 
-    async def ack(self, ids: list[str]) -> None:
-        """Acknowledge finished entries."""
-        if ids:
-            await self.redis.xack(self.stream, self.group, *ids)
+    async def batches(self, backoff_cap_s: float = 2.0) -> AsyncIterator[list[Entry]]:
+        """`next_batch()` forever (empty lists when idle), creating the group first; Redis
+        errors are logged and retried with backoff, never raised."""
+        backoff = Backoff(cap_s=backoff_cap_s)
+        while True:
+            try:
+                await self.ensure_group()
+                break
+            except (RedisError, OSError) as e:
+                log.warning("outbox %s: cannot create the consumer group yet: %s", self.group, e)
+                await backoff.wait()
+        backoff.reset()
+        while True:
+            try:
+                batch = await self.next_batch()
+            except (RedisError, OSError) as e:
+                log.warning("outbox %s: read failed: %s", self.group, e)
+                await backoff.wait()
+                continue
+            backoff.reset()
+            yield batch
+
+    async def ack(self, ids: list[str], attempts: int = 8) -> None:
+        """Acknowledge finished entries, retrying Redis errors a few times; an entry left
+        unacknowledged is only handled again (idempotently), so this never raises."""
+        backoff = Backoff()
+        while ids:
+            try:
+                await self.redis.xack(self.stream, self.group, *ids)
+                return
+            except (RedisError, OSError) as e:
+                log.warning("outbox %s: ack failed: %s", self.group, e)
+                if backoff.attempt >= attempts:
+                    return
+                await backoff.wait()
 
     async def keep(self, ids: list[str]) -> None:
         """Reset the idle time of entries still in hand (a batch being retried), so other
-        consumers' XAUTOCLAIM does not take them from a consumer that is alive."""
-        if ids:
+        consumers' XAUTOCLAIM does not take them from a consumer that is alive. Best effort."""
+        if not ids:
+            return
+        try:
             await self.redis.xclaim(
                 self.stream, self.group, self.consumer, min_idle_time=0, message_ids=ids, justid=True
             )
+        except (RedisError, OSError) as e:
+            log.warning("outbox %s: could not refresh the claim on entries in hand: %s", self.group, e)
 
     async def _group_floor(self, info: dict) -> str:
         """The smallest id this group has not acknowledged (everything below is done)."""

@@ -262,29 +262,10 @@ class PushWorker:
 
     async def run(self) -> None:
         """Consume forever (until cancelled); outages of Redis, PostgreSQL or FCM only delay."""
-        backoff = Backoff(cap_s=self.backoff_cap_s)
-        while True:
-            try:
-                await self.outbox.ensure_group()
-                break
-            except (RedisError, OSError) as e:
-                log.warning("push: cannot create consumer group yet: %s", e)
-                await backoff.wait()
-        backoff.reset()
-        while True:
-            try:
-                batch = await self.outbox.next_batch()
-            except (RedisError, OSError) as e:
-                log.warning("push: outbox read failed: %s", e)
-                await backoff.wait()
-                continue
-            backoff.reset()
+        async for batch in self.outbox.batches(self.backoff_cap_s):
             if batch:
                 await self._handle(batch)
-                try:
-                    await self.outbox.ack([e.id for e in batch])
-                except (RedisError, OSError) as e:
-                    log.warning("push: ack failed (entries will be pushed again): %s", e)
+                await self.outbox.ack([e.id for e in batch])
             await self._housekeeping()
 
     async def _handle(self, batch: list[Entry]) -> None:
@@ -314,7 +295,7 @@ class PushWorker:
             except Exception as e:
                 if backoff.attempt == 0:
                     log.warning("push: device lookup failed, retrying: %r", e)
-                await self._keep(ids)
+                await self.outbox.keep(ids)
                 await backoff.wait()
 
     async def _send(self, work: list[tuple[str, messaging.Message]], ids: list[str]) -> None:
@@ -347,7 +328,7 @@ class PushWorker:
                 return
             self._count("retried", len(retry))
             work = retry
-            await self._keep(ids)
+            await self.outbox.keep(ids)
             await backoff.wait()
 
     async def _bookkeep(self, dead: list[str], delivered: list[str]) -> None:
@@ -356,12 +337,6 @@ class PushWorker:
             await self.devices.touch(sorted(set(delivered)))
         except Exception as e:  # only bookkeeping: a dead token is found dead again next time
             log.warning("push: device bookkeeping failed: %r", e)
-
-    async def _keep(self, ids: list[str]) -> None:
-        try:
-            await self.outbox.keep(ids)
-        except (RedisError, OSError) as e:
-            log.warning("push: could not refresh claim on in-flight entries: %s", e)
 
     async def _housekeeping(self) -> None:
         now = time.monotonic()
