@@ -111,9 +111,10 @@ class Router:
         stop = time.monotonic() + (self.deadline_s if forward else self.attempt_s)
         rid: str | None = None
         payload = b""
+        fresh = None  # an actor we just activated: its state was read from Redis this instant
         try:
             while True:
-                actor = host.local_actor(session_id)
+                actor, fresh = fresh or host.local_actor(session_id), None
                 if actor is not None:
                     try:
                         return await actor.ask(command, reply_to)
@@ -145,7 +146,7 @@ class Router:
                                 inc, session_id, may_claim=not host.draining or successor is not None,
                                 payload=payload, claim_for=successor or "")
                             if r[0] == CLAIMED:
-                                host.activate(session_id, Lease(inc, int(r[1])), r[2], r[3].decode())
+                                fresh = host.activate(session_id, Lease(inc, int(r[1])), r[2], r[3].decode())
                                 continue
                     code = r[0]
                     if code == FORWARDED:

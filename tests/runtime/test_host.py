@@ -260,3 +260,16 @@ async def test_redis_going_away_surfaces_as_unavailable_not_a_crash(key_prefix: 
                 await h.get(other)
     finally:
         await client.aclose()
+
+
+async def test_host_unsure_of_its_liveness_reloads_instead_of_answering_from_memory(
+    redis: Any, key_prefix: str
+) -> None:
+    async with hosts(redis, key_prefix, 1) as (h,):
+        sid = str(uuid.uuid4())
+        await h.ask(sid, create_command(sid))
+        await h.ask(sid, Start())
+        h.membership._trusted_until = 0.0  # as after a freeze: renewals may have lapsed
+        reply = await h.ask(sid, Pause())
+        assert reply.outcome["version"] == 3
+        assert await h.scripts.do_read_lease(sid) == (h.incarnation, 2)  # re-claimed once, reloaded
