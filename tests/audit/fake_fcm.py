@@ -23,6 +23,9 @@ class FakeFcm:
         self.sent: list[dict] = []  # message bodies accepted
         self.rejected: list[str] = []  # tokens answered UNREGISTERED
         self.unregistered: set[str] = set()
+        # token -> how many more sends answer 429 QUOTA_EXCEEDED (firebase-admin retries 500/503
+        # itself; a quota answer comes back to us to retry)
+        self.flaky: dict[str, int] = {}
         self.token_requests = 0
         self.auth_headers: set[str] = set()
         fake = self
@@ -57,6 +60,13 @@ class FakeFcm:
                         "code": 404, "message": "Requested entity was not found.", "status": "NOT_FOUND",
                         "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
                                      "errorCode": "UNREGISTERED"}]}})
+                    return
+                if fake.flaky.get(message["token"], 0) > 0:
+                    fake.flaky[message["token"]] -= 1
+                    self._answer(429, {"error": {
+                        "code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED",
+                        "details": [{"@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError",
+                                     "errorCode": "QUOTA_EXCEEDED"}]}})
                     return
                 fake.sent.append(message)
                 self._answer(200, {"name": f"projects/{PROJECT}/messages/{len(fake.sent)}"})

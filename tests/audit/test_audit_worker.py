@@ -8,8 +8,9 @@ import asyncpg
 import pytest
 
 from actors.audit import AuditServices
-from actors.keys import AUDIT_GROUP
+from actors.keys import AUDIT_GROUP, Keys
 from actors.migrations import applied, available, migrate
+from kairos.errors import Unavailable
 from tests.audit.audit_messages import LIFECYCLE_TYPES, Lifecycle
 from tests.audit.conftest import append, eventually, fetch
 
@@ -137,3 +138,21 @@ async def test_devices_register_move_and_delete(redis, key_prefix: str, database
         await audit.delete_device("bob", token)
         assert await fetch(database_url, "SELECT 1 FROM devices WHERE token = $1", token) == []
         await audit.ping()
+
+
+async def test_starts_while_postgres_is_down_and_reports_it_unavailable(redis, key_prefix: str) -> None:
+    down = "postgresql://postgres@127.0.0.1:9/nowhere"  # nothing listens on port 9
+    async with services(redis, key_prefix, down, backoff_cap_s=0.2) as audit:
+        with pytest.raises(Unavailable):
+            await audit.ping()
+        with pytest.raises(Unavailable):
+            await audit.register_device("alice", "tok", "ios")
+        with pytest.raises(Unavailable):
+            await audit.events(str(uuid.uuid4()), None)
+        await append(redis, Keys(key_prefix), Lifecycle().full()[:1])
+        await eventually(lambda: _true(audit.worker.retries >= 2), what="the worker retrying")
+        assert (await audit.lag()).oldest_id is not None  # kept for later, not dropped
+
+
+async def _true(value: bool) -> bool:
+    return value

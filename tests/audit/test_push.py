@@ -81,3 +81,23 @@ async def test_push_is_off_without_credentials(redis, key_prefix: str, database_
     async with AuditServices(redis, key_prefix=key_prefix, database_url=database_url,
                              consumer="no-push") as services:
         assert services.push is None
+
+
+async def test_transient_fcm_errors_are_retried(
+    redis, keys, key_prefix: str, database_url: str, fake_fcm: FakeFcm, service_account: str
+) -> None:
+    life = Lifecycle()
+    token = f"busy-{life.session_id}"
+    fake_fcm.flaky[token] = 2  # FCM answers QUOTA_EXCEEDED twice, then accepts
+    async with AuditServices(redis, key_prefix=key_prefix, database_url=database_url,
+                             consumer="push-retry", fcm_credentials=service_account,
+                             fcm_endpoint=fake_fcm.url) as services:
+        await services.register_device(life.players[1], token, "ios")
+        await append(redis, keys, [life.create(), life.start(), life.switch()])
+
+        async def delivered() -> bool:
+            return any(m["token"] == token for m in fake_fcm.sent)
+
+        await eventually(delivered, what="delivery after the retries")
+        assert services.push.results == {"retried": 2, "sent": 1}
+        assert fake_fcm.flaky[token] == 0
