@@ -160,6 +160,16 @@ class Host:
         """Live instances: instance_id, incarnation, draining, actors."""
         return await self.membership.instances()
 
+    async def owner(self, session_id: str) -> dict[str, Any] | None:
+        """Who holds the session's lease: {incarnation, epoch, instance_id, alive}; None if nobody."""
+        incarnation, epoch = await self.scripts.do_read_lease(session_id)
+        if not incarnation:
+            return None
+        live = {i["incarnation"]: i for i in await self.instances()}
+        info = live.get(incarnation)
+        return {"incarnation": incarnation, "epoch": epoch, "alive": info is not None,
+                "instance_id": info["instance_id"] if info else None}
+
     def actor_count(self) -> int:
         """Actors live on this host."""
         return len(self._actors)

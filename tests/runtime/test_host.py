@@ -227,6 +227,9 @@ async def test_instances_lists_live_hosts_with_actor_counts(redis: Any, key_pref
             return listed if listed == {a.incarnation: 1, b.incarnation: 0} else None
 
         await wait_for(counts, within=3, what="instance list")
+        assert await b.owner(sid) == {"incarnation": a.incarnation, "epoch": 1, "alive": True,
+                                      "instance_id": a.instance_id}
+        assert await b.owner(str(uuid.uuid4())) is None
         assert all(i["draining"] is False for i in await a.instances())
     async with hosts(redis, key_prefix, 1) as (c,):
         assert [i["incarnation"] for i in await c.instances()] == [c.incarnation]
