@@ -33,7 +33,8 @@ PUSH_RESULTS = Counter("kairos_push_results_total", "Push messages by outcome", 
 PUSH_LAG = Gauge("kairos_push_lag_seconds", "Age of the oldest outbox entry not yet pushed")
 PUSH_PENDING = Gauge("kairos_push_pending", "Outbox entries read by push but not yet acknowledged")
 
-_FCM_BATCH = 500  # send_each accepts at most 500 messages
+# send_each accepts up to 500 messages but runs one thread per message: keep batches modest
+_FCM_BATCH = 100
 _SEND_PATH = "/v1/projects/{}/messages:send"
 
 # Errors worth another try later; everything else is final for that message.
