@@ -2,8 +2,8 @@
 
 Format: msgpack of a positional list (no key names), tagged with a format number so a future
 layout can still read old checkpoints. Participants are positional rows. The idempotency window
-is a list of [command_id, version, expired_participant_id] rows, oldest first, so its eviction
-order survives (an outcome of any other shape is kept whole as [command_id, outcome]).
+is packed as columns (command ids oldest first, versions, expired ids), so its eviction order
+survives (outcomes of any other shape are kept whole).
 """
 
 from __future__ import annotations
@@ -78,21 +78,21 @@ def decode(data: bytes) -> Session:
     )
 
 
-_OUTCOME_KEYS = ("version", "expired_participant_id")
+def _pack_recent(recent: dict[str, dict]) -> list:
+    """[command_ids, versions, expired_ids] when every outcome has the usual two keys (the
+    common case, packed as flat columns), else [[command_id, outcome], ...] kept whole."""
+    outcomes = recent.values()
+    if all(len(o) == 2 and "version" in o and "expired_participant_id" in o for o in outcomes):
+        return [list(recent), [o["version"] for o in outcomes],
+                [o["expired_participant_id"] for o in outcomes]]
+    return [list(recent.items())]
 
 
-def _pack_recent(recent: dict[str, dict]) -> list[tuple]:
-    rows: list[tuple] = []
-    for cid, outcome in recent.items():
-        if tuple(outcome) == _OUTCOME_KEYS:
-            rows.append((cid, outcome["version"], outcome["expired_participant_id"]))
-        else:
-            rows.append((cid, outcome))
-    return rows
-
-
-def _unpack_recent(rows: list[list]) -> dict[str, dict]:
+def _unpack_recent(packed: list) -> dict[str, dict]:
+    if len(packed) == 1:
+        return dict(packed[0])
+    ids, versions, expired = packed
     return {
-        row[0]: {"version": row[1], "expired_participant_id": row[2]} if len(row) == 3 else row[1]
-        for row in rows
+        cid: {"version": v, "expired_participant_id": e}
+        for cid, v, e in zip(ids, versions, expired, strict=True)
     }
