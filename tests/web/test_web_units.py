@@ -97,3 +97,11 @@ def test_ws_error_frame_carries_request_id_and_retry() -> None:
     frame = json.loads(ws_error_frame(RateLimited("slow down", retry_after=2), "r-1"))
     assert frame == {"type": "ERROR", "code": "RATE_LIMIT_EXCEEDED", "message": "slow down",
                      "retry_after_seconds": 2, "request_id": "r-1"}
+
+
+def test_unavailable_answers_503_with_retry_after() -> None:
+    from kairos.errors import Unavailable
+    from web.errors import error_response
+
+    resp = error_response(Unavailable("owner unreachable", retry_after=3))
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "3"

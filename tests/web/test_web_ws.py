@@ -205,3 +205,50 @@ def test_socket_that_never_answers_pings_is_dropped(server_b: KairosServer) -> N
     s.close()
     assert b" 101 " in data.split(b"\r\n", 1)[0]
     assert b"\x88" in data  # a close frame was sent before the connection went away
+
+
+async def test_sdk_reconnects_and_resyncs_after_the_server_closes_the_socket(server: KairosServer) -> None:
+    sid, (p1, p2) = make_session(server)
+    async with KairosClient(server.url, server.token("host-1")) as kc, kc.subscribe(sid) as sub:
+        await sub.next_frame("CONNECTED")
+        await kc.start(sid)
+        await sub.next_frame("STATE_UPDATE")
+        assert sub._ws is not None
+        await sub._ws.send("x" * 70_000)  # over the 64 KB frame limit: the server closes with 1009
+        await sub.next_frame("CONNECTED")
+        sync = await sub.next_frame("STATE_SYNC")
+        assert sync["state"]["version"] == 2 and sub.connects == 2
+        await kc.switch(sid)
+        assert (await sub.next_frame("STATE_UPDATE"))["state"]["active_participant_id"] == p2
+
+
+class _FakeSocket:
+    """Stands in for the network side of a websocket: yields frames, records what is sent."""
+
+    def __init__(self, frames: list[dict]) -> None:
+        self.frames = [json.dumps(f) for f in frames]
+        self.sent: list[dict] = []
+
+    def __aiter__(self):  # noqa: ANN204
+        return self._gen()
+
+    async def _gen(self):  # noqa: ANN202
+        for f in self.frames:
+            yield f
+
+    async def send(self, data: str) -> None:
+        self.sent.append(json.loads(data))
+
+
+async def test_sdk_asks_for_state_sync_on_a_version_gap() -> None:
+    kc = KairosClient("http://127.0.0.1:1")
+    sub = kc.subscribe("s")
+    fake = _FakeSocket([
+        {"type": "STATE_UPDATE", "state": {"version": 3}},
+        {"type": "STATE_UPDATE", "state": {"version": 4}},
+        {"type": "STATE_UPDATE", "state": {"version": 7}},  # 5 and 6 were missed
+    ])
+    await sub._read(fake)  # type: ignore[arg-type]
+    assert fake.sent == [{"type": "RECONNECT", "last_version": 4}]
+    assert sub.last_version == 7
+    await kc.aclose()
