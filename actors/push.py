@@ -131,7 +131,8 @@ def notices_for(message: dict[str, Any]) -> list[Notice]:
             left = data.get("time_remaining_ms", data.get("remaining_ms"))
             to([who], "Time running low", f"{_clock(left)} left on your clock")
         elif kind == ev.PARTICIPANT_EXPIRED and who:
-            to([who], "Time's up", "Your time ran out")
+            # a shared (per_group) bank runs out for the whole team at once
+            to(list(data.get("expired_participant_ids") or [who]), "Time's up", "Your time ran out")
         elif kind == ev.SESSION_EXPIRED:
             to(everyone, "Session over", "Time ran out")
         elif kind == ev.SESSION_PAUSED:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
 from actors.audit import AuditServices
 from actors.push import notices_for
+from kairos import rules, wire
+from kairos.commands import Create, ParticipantSpec, Start, Tick
 from tests.audit.audit_messages import Lifecycle
 from tests.audit.conftest import append, eventually, fetch
 from tests.audit.fake_fcm import FakeFcm
@@ -26,6 +29,22 @@ def test_notices_follow_the_events() -> None:
     assert "0:20 left" in switched[1].body
     paused = notices_for(json.loads(life.pause()))
     assert sorted(n.participant_id for n in paused) == sorted(life.players)
+
+
+def test_a_team_whose_shared_bank_runs_out_is_told_together() -> None:
+    now = 1_790_000_000_000
+    team_a, team_b = str(uuid.uuid4()), str(uuid.uuid4())
+    people = [ParticipantSpec(str(uuid.uuid4()), 5_000, group_id=g) for g in (team_a, team_b, team_a, team_b)]
+    sid = str(uuid.uuid4())
+    state = rules.apply(None, Create(session_id=sid, sync_mode="per_group", participants=tuple(people),
+                                     owner="o"), now).state
+    state = rules.apply(state, Start(), now).state
+    out = rules.apply(state, Tick(), now + 60_000)  # team A's bank is long gone
+    notices = notices_for(json.loads(wire.update_message(out.state, out.events, now + 60_000, sid)))
+    told = {n.participant_id for n in notices if n.event_type == "participant_expired"}
+    assert told == {people[0].participant_id, people[2].participant_id}
+    assert {n.participant_id for n in notices if n.event_type == "session_expired"} == {
+        p.participant_id for p in people}
 
 
 async def test_lifecycle_pushes_reach_fcm_and_unregistered_tokens_are_deleted(
@@ -74,6 +93,11 @@ async def test_lifecycle_pushes_reach_fcm_and_unregistered_tokens_are_deleted(
                              f"%{life.session_id}")
         assert sorted(r["token"] for r in tokens) == sorted(
             [f"tok-a-{life.session_id}", f"tok-b-{life.session_id}"])
+
+        async def counted() -> bool:  # the worker counts after FCM (our fake) has answered
+            return services.push.results.get("sent") == 9
+
+        await eventually(counted, what="the worker's count")
         assert services.push.results == {"sent": 9, "unregistered": 1}
 
 
@@ -96,8 +120,9 @@ async def test_transient_fcm_errors_are_retried(
         await append(redis, keys, [life.create(), life.start(), life.switch()])
 
         async def delivered() -> bool:
-            return any(m["token"] == token for m in fake_fcm.sent)
+            return services.push.results.get("sent", 0) >= 1  # the worker has seen the answer
 
         await eventually(delivered, what="delivery after the retries")
         assert services.push.results == {"retried": 2, "sent": 1}
+        assert [m["token"] for m in fake_fcm.sent] == [token]
         assert fake_fcm.flaky[token] == 0
