@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 import structlog
-from quart import Quart
+from quart import Quart, Response
 from quart_schema import QuartSchema
 
 from actors.fanout import FanOut
@@ -99,6 +99,7 @@ def create_app(settings: Settings) -> Quart:
         security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
         security=[{"bearer": []}],
     )
+    _skip_schema_conversion_for_responses(app)
     app.extensions["kairos"] = svc
     web_errors.install(app)
     register_routes(app, svc)
@@ -117,6 +118,19 @@ def create_app(settings: Settings) -> Quart:
                 await svc.relays.close_all(1001, "Server shutting down")
 
     return app
+
+
+def _skip_schema_conversion_for_responses(app: Quart) -> None:
+    """quart-schema converts every return value (pydantic dumps, header casing); our routes return
+    finished `Response` objects, so pass those straight through (tens of us per request)."""
+    converting = app.make_response
+
+    async def make_response(rv: Any) -> Any:
+        if isinstance(rv, Response):
+            return rv
+        return await converting(rv)
+
+    app.make_response = make_response  # type: ignore[method-assign]
 
 
 async def _open_services(svc: Services, stack: AsyncExitStack) -> None:

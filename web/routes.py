@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -344,26 +345,30 @@ def register_routes(app: Quart, svc: Any) -> None:
 
     # ---------------- access log, ids, request metrics ----------------
 
+    access_log_on = logging.getLevelName(svc.settings.log_level.upper()) in (logging.DEBUG, logging.INFO)
+
     @app.before_request
     async def bind_ids() -> None:
+        req = request._get_current_object()  # one proxy lookup instead of one per attribute
         structlog.contextvars.clear_contextvars()
-        rid = request.headers.get("X-Request-Id") or f"{time.monotonic_ns():x}"
-        structlog.contextvars.bind_contextvars(request_id=rid[:64])
-        sid = (request.view_args or {}).get("raw_id")
+        rid = req.headers.get("X-Request-Id") or f"{time.monotonic_ns():x}"
+        sid = (req.view_args or {}).get("raw_id")
         if sid is not None:
-            structlog.contextvars.bind_contextvars(session_id=sid[:64])
-        request._kairos_t0 = time.perf_counter()  # type: ignore[attr-defined]
+            structlog.contextvars.bind_contextvars(request_id=rid[:64], session_id=sid[:64])
+        else:
+            structlog.contextvars.bind_contextvars(request_id=rid[:64])
+        req._kairos_t0 = time.perf_counter()  # type: ignore[attr-defined]
 
     @app.after_request
     async def access_log(response: Response) -> Response:
-        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        metrics.HTTP_REQUESTS.labels(request.method, rule, response.status_code).inc()
-        quota = getattr(request, "_kairos_quota", None)
+        req = request._get_current_object()
+        rule = req.url_rule.rule if req.url_rule is not None else "unmatched"
+        metrics.HTTP_REQUESTS.labels(req.method, rule, response.status_code).inc()
+        quota = getattr(req, "_kairos_quota", None)
         if quota is not None:
             response.headers.update(quota.headers())
-        if request.path not in _NO_ACCESS_LOG:
-            t0 = getattr(request, "_kairos_t0", None)
-            log.info("request", method=request.method, path=request.path,
-                     status=response.status_code,
+        if access_log_on and req.path not in _NO_ACCESS_LOG:
+            t0 = getattr(req, "_kairos_t0", None)
+            log.info("request", method=req.method, path=req.path, status=response.status_code,
                      ms=round((time.perf_counter() - t0) * 1000, 3) if t0 else None)
         return response
