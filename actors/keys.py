@@ -229,16 +229,20 @@ _RESERVED_CONNECTIONS = 4
 # --- adopt orphans (the sweeper) ----------------------------------------------------------------
 # KEYS[1] deadlines zset, KEYS[2] my liveness key
 # ARGV[1] my incarnation, ARGV[2] key prefix, ARGV[3] max deadline ms (now + horizon),
-# ARGV[4] how many due entries to look at, ARGV[5] how many to adopt at most, ARGV[6] lease TTL ms
-# Looks at the earliest deadlines; a session whose lease is released or whose owner's liveness
-# key is gone is claimed for me (epoch + 1); entries without a checkpoint are dropped.
+# ARGV[4] how many due entries to look at, ARGV[5] how many to adopt at most, ARGV[6] lease TTL ms,
+# ARGV[7] offset into the due entries (sweeps page through them when there are many)
+# Looks at due deadlines; a session whose lease is released or whose owner's liveness key is
+# gone is claimed for me (epoch + 1); entries without a checkpoint are dropped.
 # Lua spells PREFIX .. 's:' .. sid .. ':lease' / ':cp' as Keys.lease / Keys.checkpoint.
-# Returns a flat list sid1, epoch1, checkpoint1, sid2, ... ({-1} if my liveness key is gone).
+# Returns {checked, fetched, sid1, epoch1, checkpoint1, sid2, ...} ({-1} if my liveness key is
+# gone); `checked` < `fetched` when the adoption batch filled up first.
 ADOPT_ORPHANS = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
-local out = {}
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', ARGV[7], ARGV[4])
+local out = {0, #due}
 local want = tonumber(ARGV[5])
-for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', 0, ARGV[4])) do
+for _, sid in ipairs(due) do
+  out[1] = out[1] + 1
   local lk = ARGV[2] .. 's:' .. sid .. ':lease'
   local lease = redis.call('HMGET', lk, 'o', 'e')
   local owner = lease[1]
@@ -254,7 +258,7 @@ for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMI
       out[#out + 1] = sid
       out[#out + 1] = epoch
       out[#out + 1] = cp
-      if #out >= want * 3 then break end
+      if #out >= want * 3 + 2 then break end
     end
   end
 end
@@ -377,16 +381,18 @@ class Scripts:
             return await self.redis.get(self.keys.checkpoint(session_id))
 
     async def do_adopt_orphans(
-        self, incarnation: str, *, until_ms: int, scan: int, batch: int
-    ) -> list[tuple[str, int, bytes]] | None:
-        """Claim orphaned sessions due before `until_ms`: [(sid, epoch, checkpoint)], None if I'm dead."""
+        self, incarnation: str, *, until_ms: int, scan: int, batch: int, offset: int = 0
+    ) -> tuple[int, int, list[tuple[str, int, bytes]]] | None:
+        """Claim orphaned sessions due before `until_ms`, looking at `scan` entries from `offset`:
+        (entries checked, entries fetched, [(sid, epoch, checkpoint)]), None if I am not alive."""
         k = self.keys
         async with self._connection_slot():
             flat = await self._adopt(keys=[k.deadlines, k.liveness(incarnation)],
-                                     args=[incarnation, k.prefix, until_ms, scan, batch, CHECKPOINT_TTL_MS])
-        if flat and flat[0] == -1:
+                                     args=[incarnation, k.prefix, until_ms, scan, batch, CHECKPOINT_TTL_MS, offset])
+        if flat[0] == -1:
             return None
-        return [(flat[i].decode(), int(flat[i + 1]), flat[i + 2]) for i in range(0, len(flat), 3)]
+        found = [(flat[i].decode(), int(flat[i + 1]), flat[i + 2]) for i in range(2, len(flat), 3)]
+        return int(flat[0]), int(flat[1]), found
 
     async def do_hand_off(self, incarnation: str, epoch: int, session_id: str, target: str, message: bytes) -> int:
         """Give my lease to `target` and queue `message` (activate now) on its inbox: 1 / 2 / 0."""

@@ -33,6 +33,7 @@ class Sweeper:
         self.scan = scan
         self.batch = batch
         self.adopted = 0  # total, for metrics and tests
+        self._offset = 0
 
     async def sweep_once(self) -> int:
         """One pass; returns how many sessions were adopted."""
@@ -40,11 +41,16 @@ class Sweeper:
         if host.draining:
             return 0
         inc = host.membership.incarnation
-        found = await host.scripts.do_adopt_orphans(
-            inc, until_ms=host.clock() + self.horizon_ms, scan=self.scan, batch=self.batch)
-        if found is None:
+        answer = await host.scripts.do_adopt_orphans(
+            inc, until_ms=host.clock() + self.horizon_ms, scan=self.scan, batch=self.batch, offset=self._offset)
+        if answer is None:
             await host.membership.lost(inc)
             return 0
+        checked, fetched, found = answer
+        # Many sessions due soon (mostly owned by live instances): page through them over sweeps;
+        # back to the start once the end of the due entries was reached.
+        reached_end = fetched < self.scan and checked == fetched
+        self._offset = 0 if reached_end else self._offset + checked
         for sid, epoch, checkpoint in found:
             host.activate(sid, Lease(inc, epoch), checkpoint, "takeover")
         if found:

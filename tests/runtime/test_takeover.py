@@ -87,3 +87,23 @@ async def test_drain_hands_every_session_off_without_failing_a_command(redis: An
         for sid in sids:
             assert versions[sid] == list(range(1, len(versions[sid]) + 1))  # nothing lost or doubled
             assert sorted(acked[sid]) == list(range(3, versions[sid][-1] + 1))
+
+
+async def test_sweeper_pages_past_many_live_sessions_to_find_an_orphan(redis: Any, key_prefix: str) -> None:
+    from actors.sweeper import Sweeper
+
+    async with hosts(redis, key_prefix, 2) as (live, sweeping):
+        for _ in range(5):  # due before the orphan, owned by a live instance: not to be adopted
+            sid = str(uuid.uuid4())
+            await live.ask(sid, create_command(sid, bank_ms=20_000))
+            await live.ask(sid, Start())
+        orphan = str(uuid.uuid4())
+        async with hosts(redis, key_prefix, 1) as (doomed,):
+            await doomed.ask(orphan, create_command(orphan, bank_ms=40_000))
+            await doomed.ask(orphan, Start())
+        sweeper = Sweeper(sweeping, period_ms=1000, horizon_ms=60_000, scan=2, batch=10)
+        for _ in range(4):
+            await sweeper.sweep_once()
+        assert sweeper.adopted == 1
+        assert sweeping.local_actor(orphan) is not None
+        assert live.actor_count() == 5
