@@ -91,8 +91,7 @@ _UPSERT_SESSIONS = f"""
 INSERT INTO sync_sessions AS s (session_id, sync_mode, owner, config, time_per_cycle_ms,
     increment_ms, max_time_ms, status, final_status, created_at, started_at, completed_at,
     deleted_at, total_cycles, total_participants, last_version, metadata)
-SELECT DISTINCT ON (lower(m->>'session_id'))
-       lower(m->>'session_id'),
+SELECT lower(m->>'session_id'),
        st->>'sync_mode',
        st->>'owner',
        CASE WHEN st IS NULL THEN NULL ELSE {_CONFIG} END,
@@ -109,8 +108,9 @@ SELECT DISTINCT ON (lower(m->>'session_id'))
        COALESCE(jsonb_array_length(st->'participants'), 0),
        (m->>'version')::bigint,
        NULLIF(st->'metadata', 'null'::jsonb)
-FROM audit_stage, LATERAL (SELECT NULLIF(m->'state', 'null'::jsonb) AS st) x
-ORDER BY lower(m->>'session_id'), (m->>'version')::bigint DESC
+FROM (SELECT DISTINCT ON (lower(m->>'session_id')) m FROM audit_stage
+      ORDER BY lower(m->>'session_id'), (m->>'version')::bigint DESC) latest,
+     LATERAL (SELECT NULLIF(m->'state', 'null'::jsonb) AS st) x
 ON CONFLICT (session_id) DO UPDATE SET
     {", ".join(f"{c} = COALESCE(EXCLUDED.{c}, s.{c})" for c in _KEEP)},
     total_cycles = CASE WHEN EXCLUDED.sync_mode IS NULL THEN s.total_cycles ELSE EXCLUDED.total_cycles END,
