@@ -186,17 +186,21 @@ class Actor:
         """Timer callback: tick a due deadline, passivate when idle, or re-arm."""
         if self.closed:
             return
-        if self.deadline is not None and self.deadline <= now_ms:
-            self._post(_TICK, None)
-            return
         after = self.rt.passivate_after_ms
-        if (
-            after
-            and self.last_used + after <= now_ms
-            and not self._running
-            and (self.deadline is None or self.deadline - now_ms > after)
-        ):
-            self._post(_PASSIVATE, None)
+        try:
+            if self.deadline is not None and self.deadline <= now_ms:
+                self._post(_TICK, None)
+                return
+            if (
+                after
+                and self.last_used + after <= now_ms
+                and not self._running
+                and (self.deadline is None or self.deadline - now_ms > after)
+            ):
+                self._post(_PASSIVATE, None)
+                return
+        except Unavailable:  # mailbox full: try again in a moment
+            self.rt.timers.arm(self, now_ms + 10)
             return
         self._rearm(now_ms)
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import math
 from collections.abc import Callable
 from typing import Protocol
 
 import anyio
+
+log = logging.getLogger(__name__)
 
 
 class Wakeable(Protocol):
@@ -59,7 +62,10 @@ class Timers:
             if target.armed != at or target.closed:
                 continue  # superseded or gone
             target.armed = None
-            target.on_wake(now)
+            try:
+                target.on_wake(now)
+            except Exception:  # one broken target must not stop every other timer
+                log.exception("timer target failed")
             n += 1
         return n
 
