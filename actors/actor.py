@@ -28,6 +28,8 @@ from kairos.session import Session
 log = logging.getLogger(__name__)
 
 WRITTEN, FENCED, LIVENESS_LOST = 1, 0, -1
+# Longest a command may take (restore hook + write); past it the outcome counts as unknown.
+WRITE_TIMEOUT_S = 10.0
 
 
 class Moved(Exception):
@@ -150,11 +152,14 @@ class Actor:
         self.last_used = self.rt.clock()
         if not self._running and not self._box and not self.closed:
             # Idle mailbox: the caller runs its own command (no task spawn, no hand-off), shielded
-            # so a cancelled caller can never abandon a write whose outcome is then unknown.
+            # so a cancelled caller can never abandon a write whose outcome is then unknown (a
+            # hung Redis still ends it: a timeout is an unknown outcome, which closes the actor).
             self._running = True
             try:
-                with anyio.CancelScope(shield=True):
+                with anyio.fail_after(WRITE_TIMEOUT_S, shield=True):
                     return await self._step(command, reply_to)
+            except TimeoutError as e:
+                raise self._timed_out() from e
             finally:
                 self._running = False
                 if self._box or (self.state is None and not self.closed):
@@ -248,15 +253,22 @@ class Actor:
                         self.close()
                         await self.rt.store.hand_off(lease, self.session_id, item[1])
                     else:
-                        reply = await self._step(item, slot.reply_to if slot is not None else None)
+                        with anyio.fail_after(WRITE_TIMEOUT_S):
+                            reply = await self._step(item, slot.reply_to if slot is not None else None)
                         if slot is not None:
                             slot.reply = reply
                 except (KairosError, Moved) as e:
                     if slot is not None:
                         slot.error = e
+                except TimeoutError:
+                    error = self._timed_out()
+                    if slot is not None:
+                        slot.error = error
                 except Exception:
                     log.exception("actor %s failed", self.session_id)
                     self.close()
+                    if slot is not None:
+                        slot.error = Unavailable(f"Session {self.session_id} unavailable", retry_after=1)
                 finally:
                     if slot is not None:
                         slot.done.set()
@@ -284,6 +296,11 @@ class Actor:
             log.exception("actor %s failed", self.session_id)
             self.close()
             raise Unavailable(f"Session {self.session_id} unavailable: {e!r}", retry_after=1) from e
+
+    def _timed_out(self) -> Unavailable:
+        log.error("command on %s timed out: outcome unknown, dropping the actor", self.session_id)
+        self.close()
+        return Unavailable(f"Session {self.session_id} unavailable (store timed out)", retry_after=1)
 
     def _rearm(self, now_ms: int) -> None:
         after = self.rt.passivate_after_ms

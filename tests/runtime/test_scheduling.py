@@ -19,7 +19,7 @@ from actors.actor import FENCED, LIVENESS_LOST, WRITTEN, Actor, Lease, Moved
 from actors.timers import Timers
 from kairos import codec
 from kairos.commands import Start, Switch
-from kairos.errors import RateLimited
+from kairos.errors import RateLimited, Unavailable
 from kairos.session import Status
 from tests.runtime.conftest import FakeClock, create_command, wait_for
 
@@ -203,3 +203,32 @@ async def test_switch_rate_limit_is_exact_per_second_window() -> None:
         await actor.ask(Switch())
         with pytest.raises(RateLimited):
             await actor.ask(Switch())
+
+
+async def test_hung_store_gives_unavailable_and_drops_the_actor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import actors.actor as actor_module
+
+    monkeypatch.setattr(actor_module, "WRITE_TIMEOUT_S", 0.1)
+    async with runtime() as rt:
+        actor = await new_actor(rt)
+
+        async def hang(*args: Any) -> int:
+            await anyio.sleep_forever()
+            return WRITTEN
+
+        rt.store.write = hang  # type: ignore[method-assign]
+        results: list[BaseException] = []
+
+        async def one() -> None:
+            try:
+                await actor.ask(Start())
+            except Exception as e:
+                results.append(e)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)  # runs inline (idle mailbox)
+            tg.start_soon(one)  # queued behind it
+        assert actor.closed
+        assert len(results) == 2
+        assert any(isinstance(e, Unavailable) for e in results)
+        assert all(isinstance(e, Unavailable | Moved) for e in results)
