@@ -170,6 +170,10 @@ class Host:
         return {"incarnation": incarnation, "epoch": epoch, "alive": info is not None,
                 "instance_id": info["instance_id"] if info else None}
 
+    def is_local(self, session_id: str) -> bool:
+        """Whether a command for the session would run here without forwarding (metrics label)."""
+        return session_id in self._actors
+
     def actor_count(self) -> int:
         """Actors live on this host."""
         return len(self._actors)
