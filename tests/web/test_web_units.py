@@ -105,3 +105,29 @@ def test_unavailable_answers_503_with_retry_after() -> None:
 
     resp = error_response(Unavailable("owner unreachable", retry_after=3))
     assert resp.status_code == 503 and resp.headers["Retry-After"] == "3"
+
+
+def test_auth_disabled_makes_every_caller_a_local_admin() -> None:
+    from web.auth import Authenticator
+    from web.settings import Settings
+
+    auth = Authenticator(Settings(auth="disabled"))
+    caller = auth.caller(None)
+    assert caller.is_admin and caller.sub == "anonymous"
+
+
+def test_kairos_token_mints_with_the_local_secret(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
+    import jwt
+
+    from web.cli import main
+
+    monkeypatch.setenv("KAIROS_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("KAIROS_JWT_SECRET", raising=False)
+    main(["token", "--sub", "alice", "--role", "admin", "--ttl", "60"])
+    token = capsys.readouterr().out.strip()
+    secret = (tmp_path / "jwt-secret").read_text().strip()
+    claims = jwt.decode(token, secret, algorithms=["HS256"])
+    assert claims["sub"] == "alice" and claims["role"] == "admin"
+    assert 0 < claims["exp"] - claims["iat"] <= 60
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(token, "another-secret-0123456789abcdef0123456789", algorithms=["HS256"])
