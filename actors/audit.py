@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 import asyncpg
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
@@ -205,16 +206,28 @@ class AuditWorker:
         self.retries = 0  # failed batch attempts retried (PostgreSQL unreachable)
 
     async def run(self) -> None:
-        """Consume forever (until cancelled); never raises on Redis or PostgreSQL outages."""
+        """Consume forever (until cancelled); never raises on Redis or PostgreSQL outages.
+
+        The next batch is read from Redis while the current one is written to PostgreSQL.
+        """
+        send, receive = anyio.create_memory_object_stream[list[Entry]](1)
         try:
-            async for batch in self.outbox.batches(self.backoff_cap_s):
-                if batch:
-                    await self._store(batch)
-                    await self.outbox.ack([e.id for e in batch])
-                await self._housekeeping()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read_ahead, send)
+                async with receive:
+                    async for batch in receive:
+                        if batch:
+                            await self._store(batch)
+                            await self.outbox.ack([e.id for e in batch])
+                        await self._housekeeping()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close_connection()
+
+    async def _read_ahead(self, send: anyio.abc.ObjectSendStream[list[Entry]]) -> None:
+        async with send:
+            async for batch in self.outbox.batches(self.backoff_cap_s):
+                await send.send(batch)
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
