@@ -61,7 +61,8 @@ async def applied(database_url: str) -> list[str]:
     """Versions recorded as applied, in order (for `kairos migrate --status` and tests)."""
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute(_CREATE_TABLE)
+        if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+            return []
         rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
         return [r["version"] for r in rows]
     finally:
