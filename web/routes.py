@@ -7,9 +7,10 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
+from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from quart import Quart, Response, request
 from quart_schema import document_querystring, document_request, document_response, tag
@@ -25,6 +26,7 @@ from web import schemas as S
 log = structlog.get_logger("kairos.http")
 
 SERVER_VERSION = "kairos-0.1.0"
+M = TypeVar("M", bound=BaseModel)
 
 _UUID = re.compile(S.UUID_PATTERN)
 _JSON = "application/json"
@@ -63,6 +65,14 @@ def parse_json(data: bytes) -> Any:
         return json.loads(data, parse_constant=_reject_constant)
     except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         raise ValueError(str(exc)) from None
+
+
+def validated(model: type[M], raw: Any) -> M:
+    """`raw` parsed into `model`, or a VALIDATION_ERROR with dotted-path details."""
+    try:
+        return model.model_validate(raw)
+    except PydanticValidationError as exc:
+        raise W.from_pydantic(exc) from None
 
 
 async def optional_body() -> dict[str, Any]:
@@ -173,10 +183,7 @@ def register_routes(app: Quart, svc: Any) -> None:
         caller = authenticate()
         key = idempotency_key()
         raw = await required_body()
-        try:
-            body = S.CreateSession.model_validate(raw)
-        except PydanticValidationError as exc:
-            raise W.from_pydantic(exc) from None
+        body = validated(S.CreateSession, raw)
         problems = body.cross_field_errors()
         if problems:
             raise W.validation_error(problems)
@@ -248,10 +255,7 @@ def register_routes(app: Quart, svc: Any) -> None:
         caller = authenticate()
         sid = session_id_param(raw_id)
         key = idempotency_key()
-        try:
-            body = S.SwitchBody.model_validate(await optional_body())
-        except PydanticValidationError as exc:
-            raise W.from_pydantic(exc) from None
+        body = validated(S.SwitchBody, await optional_body())
         expected = body.expected_active_participant_id
         if not caller.is_admin:
             expected = A.switch_guard(caller, await load(sid), expected)
@@ -286,10 +290,7 @@ def register_routes(app: Quart, svc: Any) -> None:
         """Audit history, oldest first; page with `?after_version=`."""
         caller = authenticate()
         sid = session_id_param(raw_id)
-        try:
-            q = S.EventsQuery.model_validate(dict(request.args))
-        except PydanticValidationError as exc:
-            raise W.from_pydantic(exc) from None
+        q = validated(S.EventsQuery, dict(request.args))
         state = await load(sid)
         A.require_read(caller, state)
         events = [] if svc.audit is None else await svc.audit.events(sid, q.after_version, q.limit)
@@ -305,10 +306,7 @@ def register_routes(app: Quart, svc: Any) -> None:
         """Register a push token for the caller."""
         caller = authenticate()
         raw = await required_body()
-        try:
-            body = S.DeviceIn.model_validate(raw)
-        except PydanticValidationError as exc:
-            raise W.from_pydantic(exc) from None
+        body = validated(S.DeviceIn, raw)
         if svc.audit is not None:
             await svc.audit.register_device(caller.sub, body.token, body.platform)
         return json_response({"data": body.model_dump()}, 201)
