@@ -75,6 +75,26 @@ async def _raw_script(redis: Any, prefix: str, n: int) -> list[float]:
     return out
 
 
+def _core_cpu(n: int) -> dict[str, float]:
+    """Median CPU of the pure steps every local switch pays besides the round trip (seconds)."""
+    sid = str(uuid.uuid4())
+    now = int(time.time() * 1000)
+    state = rules.apply(rules.apply(None, _create(sid), now).state, Start(), now).state
+    out: dict[str, list[float]] = {"apply": [], "encode": [], "update_message": []}
+    for i in range(n):
+        t0 = time.perf_counter()
+        result = rules.apply(state, Switch(), now + i)
+        t1 = time.perf_counter()
+        codec.encode(result.state)
+        t2 = time.perf_counter()
+        wire.update_message(result.state, result.events, now + i, sid)
+        t3 = time.perf_counter()
+        out["apply"].append(t1 - t0)
+        out["encode"].append(t2 - t1)
+        out["update_message"].append(t3 - t2)
+    return {k: _pct(v, 50) for k, v in out.items()}
+
+
 async def _run(args: argparse.Namespace) -> None:
     import redis.asyncio as aioredis
 
@@ -146,6 +166,9 @@ async def _run(args: argparse.Namespace) -> None:
             fwd.append(time.perf_counter() - t)
         print(_fmt("forwarded ask, sequential", fwd))
 
+    cpu = _core_cpu(n)
+    print(f"{'core CPU per switch (p50)':<34} " + "  ".join(f"{k} {v * 1e6:.0f} us" for k, v in cpu.items())
+          + f"  = {sum(cpu.values()) * 1e6:.0f} us")
     p50 = _pct(raw, 50)
     print(f"local/raw p50 = {_pct(local, 50) / p50:.2f}x (target <= 1.5x); "
           f"forwarded/raw p50 = {_pct(fwd, 50) / p50:.2f}x (target <= 4x); "

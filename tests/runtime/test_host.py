@@ -276,3 +276,23 @@ async def test_host_unsure_of_its_liveness_reloads_instead_of_answering_from_mem
         reply = await h.ask(sid, Pause())
         assert reply.outcome["version"] == 3
         assert await h.scripts.do_read_lease(sid) == (h.incarnation, 2)  # re-claimed once, reloaded
+
+
+async def test_a_local_command_costs_one_round_trip(redis: Any, key_prefix: str) -> None:
+    # long TTL: no renewal, sweep or inbox poll falls inside the measured window by chance
+    async with hosts(redis, key_prefix, 1, lease_ttl_ms=60_000, switch_rate_per_s=0) as (h,):
+        sid = str(uuid.uuid4())
+        await h.ask(sid, create_command(sid))
+        await h.ask(sid, Start())
+        sent: list[str] = []
+        original = h.redis.execute_command
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            sent.append(str(args[0]).upper())
+            return await original(*args, **kwargs)
+
+        h.redis.execute_command = counted
+        for _ in range(20):
+            await h.ask(sid, Switch())
+        h.redis.execute_command = original
+        assert [c for c in sent if c != "BLPOP"] == ["EVALSHA"] * 20
