@@ -27,6 +27,22 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User+system CPU time of a process and its children so far (Linux /proc), or 0."""
+    if pid is None:
+        return 0.0
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    return ticks / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(k)) for k in kids)
+
+
 def pct(samples: list[float], q: float) -> float:
     s = sorted(samples)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -189,7 +205,10 @@ def main(argv: list[str]) -> None:
         host, port, token = "127.0.0.1", server.port, server.token("bench")
     try:
         seq = asyncio.run(sequential(host, port, token, args.n))
+        pid = server.pid if server is not None else None
+        cpu0 = cpu_seconds(pid)
         conc = asyncio.run(concurrent(host, port, token, 64, 16, args.seconds))
+        conc["server_cpu_ms_per_switch"] = (cpu_seconds(pid) - cpu0) * 1000 / max(1, conc["requests"])
         wsr = asyncio.run(websocket_rtt(host, port, token, args.n))
     finally:
         if server is not None:
@@ -204,6 +223,9 @@ def main(argv: list[str]) -> None:
     print(f"concurrent: 64 sessions x 16 connections, {args.seconds:.0f} s:")
     print(f"  {conc['rps']:.0f} switches/s (target >= 1000) {'OK' if conc['rps'] >= 1000 else 'MISS'}"
           f"  p50 {conc['p50_ms']:.3f} ms  p99 {conc['p99_ms']:.3f} ms  errors {conc['errors']}")
+    if conc["server_cpu_ms_per_switch"]:
+        print(f"  server CPU per switch {conc['server_cpu_ms_per_switch']:.3f} ms (all of its work, "
+              "audit worker included: the load-independent cost)")
     print("WebSocket SWITCH -> ACK round trip:")
     print(f"  p50 {wsr['p50_ms']:.3f} ms  p99 {wsr['p99_ms']:.3f} ms  (target p50 <= 1 ms) "
           f"{'OK' if wsr['p50_ms'] <= 1 else 'MISS'}")
