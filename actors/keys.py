@@ -412,6 +412,10 @@ class Scripts:
         item = await self.redis.blpop([self.keys.inbox(incarnation)], timeout=timeout_s)
         return None if item is None else item[1]
 
+    async def do_pop_inbox_batch(self, incarnation: str, count: int) -> list[bytes]:
+        """Up to `count` queued forwarded commands at once, without waiting (LPOP count)."""
+        return await self.redis.lpop(self.keys.inbox(incarnation), count) or []
+
     async def do_read_lease(self, session_id: str) -> tuple[str, int]:
         """(owner incarnation or "", epoch) — for admin views and tests."""
         o, e = await self.redis.hmget(self.keys.lease(session_id), "o", "e")

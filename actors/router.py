@@ -54,6 +54,7 @@ CLAIMED, FORWARDED, OWNED_ELSEWHERE, UNOWNED, MINE, NOT_ALIVE = 1, 2, 3, 4, 5, -
 REPLY_OK, REPLY_ERROR, REPLY_MOVED = 0, 1, 2
 _MAX_HINTS = 100_000
 _MAX_SERVED = 20_000
+_INBOX_BATCH = 128
 
 
 def encode_command(command: Command) -> dict[str, Any]:
@@ -269,14 +270,21 @@ class Router:
     async def run_inbox(self) -> None:
         """Pop forwarded commands from our inbox (it follows incarnation changes)."""
         host = self.host
+        busy = False  # a backlog was seen: drain it in batches (one round trip per batch)
         while True:
+            inc = host.membership.incarnation
             try:
-                raw = await host.scripts.do_pop_inbox(host.membership.incarnation, 1)
+                if busy:
+                    batch = await host.scripts.do_pop_inbox_batch(inc, _INBOX_BATCH)
+                else:
+                    one = await host.scripts.do_pop_inbox(inc, 1)
+                    batch = [] if one is None else [one]
             except Exception as e:
                 log.warning("inbox read failed: %r", e)
                 await anyio.sleep(0.2)
                 continue
-            if raw is not None:
+            busy = bool(batch)  # after an item, look for more without blocking; none left: block
+            for raw in batch:
                 host.spawn(lambda raw=raw: self.serve_forwarded(raw))
 
     async def run_replies(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
