@@ -13,6 +13,7 @@ import structlog
 from pydantic import ValidationError as PydanticValidationError
 from quart import Quart, Response
 from quart_schema import RequestSchemaValidationError
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 from kairos import errors as E
@@ -116,6 +117,17 @@ def _describe(e: dict[str, Any]) -> tuple[str, str]:
     return msg, str(ctx.get("code", kind or "invalid")) if kind != "value_error" else "invalid"
 
 
+def as_kairos_error(exc: BaseException) -> E.KairosError:
+    """Any failure as a Kairos error: store outages are 503 UNAVAILABLE (retry), the rest 500."""
+    if isinstance(exc, E.KairosError):
+        return exc
+    if isinstance(exc, (RedisError, OSError, TimeoutError)):
+        log.warning("store unavailable", error=repr(exc))
+        return E.Unavailable("Service temporarily unavailable, please retry", retry_after=1)
+    log.exception("unhandled error", exc_info=exc)
+    return E.KairosError("Internal server error")
+
+
 def install(app: Quart) -> None:
     """Register the handlers that make every failure a JSON error body (never HTML, never a 500 page)."""
 
@@ -137,5 +149,4 @@ def install(app: Quart) -> None:
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(E.KairosError("Internal server error"))
+        return error_response(as_kairos_error(exc))

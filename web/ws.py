@@ -267,8 +267,8 @@ async def _state_sync(svc: Any, sid: str, caller: A.Caller) -> None:
     try:
         state = await svc.host.get(sid)
         A.require_read(caller, state)
-    except KairosError as err:
-        await websocket.send(W.ws_error_frame(err))
+    except Exception as exc:
+        await websocket.send(W.ws_error_frame(W.as_kairos_error(exc)))
         return
     now = svc.clock()
     await websocket.send(_dumps({"type": "STATE_SYNC", "sessionId": sid, "timestamp": now,
@@ -307,5 +307,5 @@ async def _command(svc: Any, sid: str, caller: A.Caller, kind: str, msg: dict[st
         else:
             data = wire.session_json(reply.state, reply.now_ms)
         return _dumps({"type": "ACK", "request_id": request_id, "data": data})
-    except KairosError as err:
-        return W.ws_error_frame(err, request_id)
+    except Exception as exc:  # every command gets an answer; the socket stays up
+        return W.ws_error_frame(W.as_kairos_error(exc), request_id)

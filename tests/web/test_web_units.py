@@ -131,3 +131,14 @@ def test_kairos_token_mints_with_the_local_secret(tmp_path, monkeypatch, capsys)
     assert 0 < claims["exp"] - claims["iat"] <= 60
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(token, "another-secret-0123456789abcdef0123456789", algorithms=["HS256"])
+
+
+def test_store_outages_map_to_503_and_surprises_to_500() -> None:
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from web.errors import as_kairos_error
+
+    assert as_kairos_error(RedisConnectionError("down")).status == 503
+    assert as_kairos_error(ConnectionRefusedError()).code == "UNAVAILABLE"
+    err = as_kairos_error(RuntimeError("bug"))
+    assert (err.status, err.code) == (500, "INTERNAL_ERROR")
