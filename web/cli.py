@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("migrate", help="apply pending audit database migrations")
     args = parser.parse_args(argv)
     settings = Settings()
-    if args.cmd != "token":  # `token` prints only the token
-        configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format)
     if args.cmd == "serve":
         serve(settings, args.workers or settings.workers, args.fd)
     elif args.cmd == "token":

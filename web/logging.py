@@ -32,11 +32,21 @@ def configure_logging(level: str = "info", fmt: str | None = None, instance_id: 
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
     # Library loggers (hypercorn errors, asyncio) go to stderr at the same level.
     logging.basicConfig(level=lvl, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+
+
+class _CurrentStderr:
+    """Writes to whatever `sys.stderr` is now (stdout stays clean for `kairos token`)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def _add_instance(instance_id: str):  # noqa: ANN202 - structlog processor
