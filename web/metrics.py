@@ -7,6 +7,7 @@ Runtime metrics (leases claimed, deadline lateness, audit lag, push results) are
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,7 +21,8 @@ from prometheus_client import (
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 COMMAND_SECONDS = Histogram(
-    "kairos_command_seconds", "Command latency seen by the web edge", ["command", "path"],
+    "kairos_command_seconds", "Command latency (REST and WebSocket) by command and path",
+    ["command", "path"],
     buckets=_BUCKETS,
 )
 HTTP_REQUESTS = Counter("kairos_http_requests_total", "HTTP requests", ["method", "route", "status"])
@@ -28,6 +30,13 @@ WS_CONNECTIONS = Gauge("kairos_ws_connections", "Open WebSocket connections")
 WS_MESSAGES = Counter("kairos_ws_messages_total", "WebSocket messages", ["direction", "type"])
 WS_DROPPED = Counter("kairos_ws_dropped_total", "Sockets dropped because their send queue overflowed")
 ACTORS_ACTIVE = Gauge("kairos_actors_active", "Session actors live on this instance")
+
+
+def observe_command(host: Any, session_id: str, command: str, seconds: float) -> None:
+    """Record a command's latency, labelled `local` when this instance ran the session's actor
+    (already live, or activated by this command) and `forwarded` when another instance owns it."""
+    path = "local" if host.local_actor(session_id) is not None else "forwarded"
+    COMMAND_SECONDS.labels(command, path).observe(seconds)
 
 
 def track_actors(count: Callable[[], int]) -> None:

@@ -300,7 +300,7 @@ async def _command(svc: Any, sid: str, caller: A.Caller, kind: str, msg: dict[st
                    "COMPLETE": C.Complete}[kind](command_id=request_id)
         t0 = time.perf_counter()
         reply = await svc.host.ask(sid, cmd)
-        metrics.COMMAND_SECONDS.labels(kind.lower(), "ws").observe(time.perf_counter() - t0)
+        metrics.observe_command(svc.host, sid, kind.lower(), time.perf_counter() - t0)
         if kind == "SWITCH":
             data = wire.switch_result_json(reply.state, reply.now_ms,
                                            reply.outcome.get("expired_participant_id"))
