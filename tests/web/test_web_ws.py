@@ -252,3 +252,17 @@ async def test_sdk_asks_for_state_sync_on_a_version_gap() -> None:
     assert fake.sent == [{"type": "RECONNECT", "last_version": 4}]
     assert sub.last_version == 7
     await kc.aclose()
+
+
+async def test_metrics_show_ws_commands_connections_and_actors(server: KairosServer) -> None:
+    sid, _ = make_session(server)
+    async with KairosClient(server.url, server.token("host-1")) as kc, kc.subscribe(sid) as sub:
+        await sub.next_frame("CONNECTED")
+        await sub.command("START")
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"{server.url}/metrics")).text
+    assert 'kairos_command_seconds_count{command="start",path="local"}' in text
+    assert "kairos_ws_connections " in text and "kairos_actors_active " in text
+    connections = next(float(line.split()[1]) for line in text.splitlines()
+                       if line.startswith("kairos_ws_connections "))
+    assert connections >= 1
