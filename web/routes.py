@@ -341,6 +341,18 @@ def register_routes(app: Quart, svc: Any) -> None:
         A.require_admin(caller)
         return json_response({"data": await svc.host.instances()})
 
+    @app.get("/admin/sessions/<raw_id>/owner")
+    @tag(["admin"])
+    async def admin_session_owner(raw_id: str) -> Response:
+        """Who holds the session's lease: instance_id, incarnation, epoch, alive (admin). All null
+        while nobody does (never activated, passivated, or released)."""
+        caller = authenticate()
+        A.require_admin(caller)
+        sid = session_id_param(raw_id)
+        owner = await svc.host.owner(sid) or {
+            "incarnation": None, "epoch": None, "alive": False, "instance_id": None}
+        return json_response({"data": {"session_id": sid, **owner}})
+
     # ---------------- access log, ids, request metrics ----------------
 
     access_log_on = logging.getLevelName(svc.settings.log_level.upper()) in (logging.DEBUG, logging.INFO)
