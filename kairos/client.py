@@ -49,6 +49,7 @@ class ClockSample:
 
     @staticmethod
     def from_timestamps(t1: float, t2: float, t3: float, t4: float) -> ClockSample:
+        """The NTP formulas for one exchange (t1 send, t2/t3 server, t4 receive)."""
         return ClockSample(((t2 - t1) + (t3 - t4)) / 2, (t4 - t1) - (t3 - t2))
 
 
@@ -91,6 +92,7 @@ class KairosClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
         await self.http.aclose()
 
     # ---- plumbing ----
@@ -108,9 +110,11 @@ class KairosClient:
     # ---- open endpoints ----
 
     async def health(self) -> dict[str, Any]:
+        """GET /health."""
         return await self._call("GET", "/health")
 
     async def ready(self) -> dict[str, Any]:
+        """GET /ready (raises a KairosError with status 503 when not ready)."""
         return await self._call("GET", "/ready")
 
     async def time(self) -> dict[str, Any]:
@@ -120,50 +124,63 @@ class KairosClient:
     # ---- sessions ----
 
     async def create_session(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /v1/sessions: the created Session."""
         return await self._call("POST", "/v1/sessions", json_body=body, idempotency_key=idempotency_key)
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
+        """GET /v1/sessions/{id}: the Session with live times."""
         return await self._call("GET", f"/v1/sessions/{session_id}")
 
     async def start(self, session_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /v1/sessions/{id}/start."""
         return await self._call("POST", f"/v1/sessions/{session_id}/start", idempotency_key=idempotency_key)
 
     async def switch(self, session_id: str, next_participant_id: str | None = None, *,
                      expected_active_participant_id: str | None = None,
                      idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /v1/sessions/{id}/switch: the SwitchResult."""
         body = {k: v for k, v in (("next_participant_id", next_participant_id),
                                   ("expected_active_participant_id", expected_active_participant_id)) if v}
         return await self._call("POST", f"/v1/sessions/{session_id}/switch", json_body=body,
                                 idempotency_key=idempotency_key)
 
     async def pause(self, session_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /v1/sessions/{id}/pause."""
         return await self._call("POST", f"/v1/sessions/{session_id}/pause", idempotency_key=idempotency_key)
 
     async def resume(self, session_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /v1/sessions/{id}/resume."""
         return await self._call("POST", f"/v1/sessions/{session_id}/resume", idempotency_key=idempotency_key)
 
     async def complete(self, session_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """POST /v1/sessions/{id}/complete."""
         return await self._call("POST", f"/v1/sessions/{session_id}/complete", idempotency_key=idempotency_key)
 
     async def delete_session(self, session_id: str) -> None:
+        """DELETE /v1/sessions/{id} (idempotent)."""
         await self._call("DELETE", f"/v1/sessions/{session_id}")
 
     async def events(self, session_id: str, after_version: int | None = None) -> list[dict[str, Any]]:
+        """GET /v1/sessions/{id}/events: audit history, oldest first."""
         params = {"after_version": after_version} if after_version is not None else None
         return await self._call("GET", f"/v1/sessions/{session_id}/events", params=params)
 
     # ---- devices and admin ----
 
     async def register_device(self, token: str, platform: str) -> dict[str, Any]:
+        """POST /v1/devices: register a push token for the caller."""
         return await self._call("POST", "/v1/devices", json_body={"token": token, "platform": platform})
 
     async def delete_device(self, token: str) -> None:
+        """DELETE /v1/devices/{token}."""
         await self._call("DELETE", f"/v1/devices/{token}")
 
     async def drain(self) -> dict[str, Any]:
+        """POST /admin/drain (admin)."""
         return await self._call("POST", "/admin/drain")
 
     async def instances(self) -> list[dict[str, Any]]:
+        """GET /admin/instances (admin)."""
         return await self._call("GET", "/admin/instances")
 
     # ---- WebSocket and clock ----
@@ -339,6 +356,7 @@ class Subscription:
         return frame["data"]
 
     async def switch(self, next_participant_id: str | None = None, **fields: Any) -> dict[str, Any]:
+        """SWITCH over the socket; returns the ACK data."""
         if next_participant_id:
             fields["next_participant_id"] = next_participant_id
         return await self.command("SWITCH", **fields)

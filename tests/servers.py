@@ -88,6 +88,7 @@ class KairosServer:
 
     @property
     def pid(self) -> int:
+        """The server process id."""
         assert self.proc is not None
         return self.proc.pid
 
@@ -152,6 +153,7 @@ class KairosServer:
         self.proc.wait(10)
 
     def log_tail(self, n: int = 40) -> str:
+        """The last `n` lines the server logged."""
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:

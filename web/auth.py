@@ -30,6 +30,7 @@ class Caller:
 
     @property
     def is_admin(self) -> bool:
+        """True for the `admin` role."""
         return self.role == "admin"
 
 
@@ -117,6 +118,7 @@ def mint_token(settings: Settings, sub: str, role: str | None = None, ttl_s: int
 
 
 def is_participant(state: Session, sub: str) -> bool:
+    """True when `sub` is one of the session's participant ids."""
     sub = sub.lower()  # participant ids are stored lower-case
     return any(p.participant_id == sub for p in state.participants)
 
@@ -139,11 +141,13 @@ def require_read(caller: Caller, state: Session) -> None:
 
 
 def require_manage(caller: Caller, state: Session) -> None:
+    """Raise Forbidden unless owner or admin."""
     if not can_manage(caller, state):
         raise Forbidden("Only the session owner or an admin may do this")
 
 
 def require_admin(caller: Caller) -> None:
+    """Raise Forbidden unless admin."""
     if not caller.is_admin:
         raise Forbidden("Admin role required")
 

@@ -25,6 +25,7 @@ class Quota:
     reset_s: int
 
     def headers(self) -> dict[str, str]:
+        """The `RateLimit-*` response headers."""
         return {
             "RateLimit-Limit": str(self.limit),
             "RateLimit-Remaining": str(self.remaining),

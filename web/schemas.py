@@ -33,6 +33,7 @@ class _Body(BaseModel):
 
 
 class ParticipantIn(_Body):
+    """One participant of CreateSession."""
     participant_id: Uuid
     participant_index: Annotated[StrictInt, Field(ge=0)] | None = None
     total_time_ms: Duration
@@ -88,6 +89,7 @@ class DeviceIn(_Body):
 
 
 class EventsQuery(_Body):
+    """Query string of GET /v1/sessions/{id}/events."""
     after_version: Annotated[int, Field(ge=0)] | None = None
     limit: Annotated[int, Field(ge=1, le=500)] = 500
 
@@ -96,6 +98,7 @@ class EventsQuery(_Body):
 
 
 class ParticipantOut(BaseModel):
+    """Participant in a Session (live `time_remaining_ms`)."""
     participant_id: str
     participant_index: int
     total_time_ms: int = Field(description="bank remaining at the last change")
@@ -108,6 +111,7 @@ class ParticipantOut(BaseModel):
 
 
 class SessionOut(BaseModel):
+    """Session (API.md); unset optional keys are omitted."""
     session_id: str
     sync_mode: SyncModeName
     status: Literal["pending", "running", "paused", "expired", "completed", "cancelled"]
@@ -132,6 +136,7 @@ class SessionOut(BaseModel):
 
 
 class SwitchResultOut(BaseModel):
+    """SwitchResult (API.md)."""
     session_id: str
     active_participant_id: str | None
     cycle_started_at: str | None
@@ -143,14 +148,17 @@ class SwitchResultOut(BaseModel):
 
 
 class SessionEnvelope(BaseModel):
+    """`{"data": Session}`."""
     data: SessionOut
 
 
 class SwitchEnvelope(BaseModel):
+    """`{"data": SwitchResult}`."""
     data: SwitchResultOut
 
 
 class EventOut(BaseModel):
+    """One audit event."""
     type: str
     session_id: str
     version: int
@@ -160,23 +168,28 @@ class EventOut(BaseModel):
 
 
 class EventsEnvelope(BaseModel):
+    """`{"data": [Event...]}`."""
     data: list[EventOut]
 
 
 class DeviceEnvelope(BaseModel):
+    """`{"data": Device}`."""
     data: DeviceIn
 
 
 class InstancesEnvelope(BaseModel):
+    """`{"data": [instance...]}`."""
     data: list[dict[str, Any]]
 
 
 class StatusOut(BaseModel):
+    """Unwrapped /health and /ready body."""
     status: str
     error: str | None = None
 
 
 class TimeOut(BaseModel):
+    """Unwrapped /v1/time body (four-timestamp sync fields are new)."""
     timestamp_ms: int
     server_version: str
     drift_tolerance_ms: int
@@ -185,12 +198,14 @@ class TimeOut(BaseModel):
 
 
 class ErrorDetail(BaseModel):
+    """One validation problem: dotted field path, message, code."""
     field: str
     message: str
     code: str
 
 
 class ErrorInner(BaseModel):
+    """The `error` object."""
     code: str
     message: str
     details: list[ErrorDetail] | None = None
@@ -198,4 +213,5 @@ class ErrorInner(BaseModel):
 
 
 class ErrorOut(BaseModel):
+    """Every error body: `{"error": {...}}`, never with `data`."""
     error: ErrorInner

@@ -83,6 +83,7 @@ class Settings(BaseSettings):
 
     @property
     def auth_enabled(self) -> bool:
+        """False only with KAIROS_AUTH=disabled."""
         return self.auth == "enabled"
 
     def verification_key(self) -> str | None:

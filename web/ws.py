@@ -122,6 +122,7 @@ class Relays:
         self._joins = 0
 
     async def join(self, session_id: str, sock: Socket) -> None:
+        """Add a socket to its session's relay (subscribes the first one)."""
         self.sockets.add(sock)
         self._joins += 1
         if self._joins % _FREEZE_EVERY == 0:
@@ -137,6 +138,7 @@ class Relays:
             relay.sockets.add(sock)
 
     async def leave(self, session_id: str, sock: Socket) -> None:
+        """Remove a socket (unsubscribes after the last one)."""
         self.sockets.discard(sock)
         relay = self.relays.get(session_id)
         if relay is None:
@@ -155,6 +157,7 @@ class Relays:
                 await anyio.sleep(0.01)
 
     def count(self) -> int:
+        """Open sockets on this instance."""
         return len(self.sockets)
 
 
@@ -169,6 +172,7 @@ def register_ws(app: Quart, svc: Any) -> None:
 
     @app.websocket("/ws")
     async def ws_endpoint() -> None:
+        """`/ws?sessionId=…`: see API.md for frames and close codes."""
         # Quart/Hypercorn: accept before awaiting anything else.
         await websocket.accept()
         sid_raw = websocket.args.get("sessionId")
