@@ -63,11 +63,14 @@ def _raise_for(resp: httpx.Response) -> None:
         return
     try:
         body = resp.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        body = None
+    if isinstance(body, dict):
         err = KairosError.from_dict(body)
         if "retry_after_seconds" in body:
             err.retry_after = body["retry_after_seconds"]  # type: ignore[attr-defined]
-    except (ValueError, KeyError, TypeError):
-        err = KairosError(resp.text or resp.reason_phrase)
+    else:  # e.g. /ready's unwrapped {"status": "not_ready", "error": "..."}
+        err = KairosError(str(body) if body else (resp.text or resp.reason_phrase))
     err.status = resp.status_code
     raise err
 
