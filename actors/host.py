@@ -70,7 +70,7 @@ class Host:
         self.redis = redis
         self.keys = Keys(key_prefix)
         self.scripts = Scripts(redis, self.keys)
-        self.store = RedisStore(self.scripts)
+        self.store = RedisStore(self.scripts, self.spawn)
         self._clock = clock
         self.timers = Timers(clock)
         self.restore = restore

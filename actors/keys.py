@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from redis.exceptions import NoScriptError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -287,6 +288,9 @@ return 1
 """
 
 
+_WRITE_KEYS = 5  # KEYS of FENCED_WRITE
+
+
 class Scripts:
     """The scripts registered on one client, and the few plain commands that touch our keys.
 
@@ -347,19 +351,49 @@ class Scripts:
                       claim_for],
             )
 
+    def fenced_write_argv(
+        self, incarnation: str, epoch: int, session_id: str, checkpoint: bytes, message: bytes,
+        deadline_ms: int | None, reply: tuple[str, bytes] | None = None,
+    ) -> tuple[Any, ...]:
+        """KEYS then ARGV of one FENCED_WRITE (for `do_fenced_write` / `do_fenced_writes`)."""
+        k = self.keys
+        return (k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines,
+                incarnation, epoch, checkpoint, CHECKPOINT_TTL_MS, message, k.channel(session_id),
+                session_id, "" if deadline_ms is None else deadline_ms,
+                *(reply if reply is not None else ("", "")))
+
     async def do_fenced_write(
         self, incarnation: str, epoch: int, session_id: str, checkpoint: bytes, message: bytes,
         deadline_ms: int | None, reply: tuple[str, bytes] | None = None,
     ) -> int:
         """Write checkpoint + outbox + publish + deadline if I still hold the lease: 1 / 0 / -1."""
-        k = self.keys
+        argv = self.fenced_write_argv(incarnation, epoch, session_id, checkpoint, message, deadline_ms, reply)
+        return await self.do_fenced_write_argv(argv)
+
+    async def do_fenced_write_argv(self, argv: tuple[Any, ...]) -> int:
+        """One FENCED_WRITE from `fenced_write_argv` output."""
         async with self._connection_slot():
-            return await self._write(
-                keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines],
-                args=[incarnation, epoch, checkpoint, CHECKPOINT_TTL_MS, message, k.channel(session_id),
-                      session_id, "" if deadline_ms is None else deadline_ms,
-                      *(reply if reply is not None else ("", ""))],
-            )
+            return await self._write(keys=argv[:_WRITE_KEYS], args=argv[_WRITE_KEYS:])
+
+    async def do_fenced_writes(self, batch: list[tuple[Any, ...]]) -> list[Any]:
+        """Several FENCED_WRITEs in one round trip (pipelined, each still its own atomic script):
+        a result (1 / 0 / -1) or an exception per entry."""
+        results: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
+        async with self._connection_slot():
+            for _attempt in range(2):
+                pipe = self.redis.pipeline(transaction=False)
+                for i in todo:
+                    pipe.evalsha(self._write.sha, _WRITE_KEYS, *batch[i])
+                answers = await pipe.execute(raise_on_error=False)
+                for i, answer in zip(todo, answers, strict=True):
+                    results[i] = answer
+                todo = [i for i in todo if isinstance(results[i], NoScriptError)]
+                if not todo:
+                    break
+                # Redis lost its script cache (restart): those entries did not run; load and redo.
+                self._write.sha = await self.redis.script_load(FENCED_WRITE)
+        return results
 
     async def do_fenced_delete(self, incarnation: str, epoch: int, session_id: str, message: bytes) -> int:
         """Delete checkpoint, release lease, outbox + publish the deletion: 1 / 0 / -1."""

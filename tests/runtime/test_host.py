@@ -296,3 +296,39 @@ async def test_a_local_command_costs_one_round_trip(redis: Any, key_prefix: str)
             await h.ask(sid, Switch())
         h.redis.execute_command = original
         assert [c for c in sent if c != "BLPOP"] == ["EVALSHA"] * 20
+
+
+async def test_concurrent_writes_of_many_sessions_share_round_trips_safely(redis: Any, key_prefix: str) -> None:
+    keys = Keys(key_prefix)
+    async with hosts(redis, key_prefix, 1, switch_rate_per_s=0) as (h,):
+        h.store.parallel = 1  # everything beyond one in-flight write queues and is pipelined
+        sids = [str(uuid.uuid4()) for _ in range(30)]
+        for sid in sids:
+            await h.ask(sid, create_command(sid))
+            await h.ask(sid, Start())
+        batches: list[int] = []
+        original = h.scripts.do_fenced_writes
+
+        async def counted(batch: list[Any]) -> list[Any]:
+            batches.append(len(batch))
+            return await original(batch)
+
+        h.scripts.do_fenced_writes = counted  # type: ignore[method-assign]
+        acked: dict[str, list[int]] = {sid: [] for sid in sids}
+
+        async def loop(sid: str) -> None:
+            for _ in range(10):
+                acked[sid].append((await h.ask(sid, Switch())).outcome["version"])
+
+        async with anyio.create_task_group() as tg:
+            for sid in sids:
+                tg.start_soon(loop, sid)
+        assert max(batches) > 1  # really pipelined
+        per_session: dict[str, list[int]] = {sid: [] for sid in sids}
+        for _, fields in await redis.xrange(keys.outbox):
+            m = json.loads(fields[b"m"])
+            per_session[m["session_id"]].append(m["version"])
+        for sid in sids:
+            assert acked[sid] == list(range(3, 13))
+            assert per_session[sid] == list(range(1, 13))
+            assert (await h.get(sid)).version == 12

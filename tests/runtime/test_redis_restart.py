@@ -72,6 +72,34 @@ async def test_host_serves_again_after_redis_restarts(tmp_path: Path, key_prefix
         server.wait()
 
 
+async def test_pipelined_writes_survive_a_flushed_script_cache(tmp_path: Path, key_prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    from actors.keys import Keys, Scripts
+
+    port = free_port()
+    server = start_redis(tmp_path, port)
+    client = aioredis.Redis(host="127.0.0.1", port=port)
+    try:
+        await wait_for(lambda: _pings(client), what="redis up")
+        keys = Keys(key_prefix)
+        scripts = Scripts(client, keys)
+        inc = uuid.uuid4().hex
+        await scripts.do_join(inc, b"{}", 10_000)
+        sids = [str(uuid.uuid4()) for _ in range(5)]
+        epochs = [int((await scripts.do_claim_or_forward(inc, sid, may_claim=True))[1]) for sid in sids]
+        await client.script_flush()  # our own server: as after a restart that lost the cache
+        batch = [scripts.fenced_write_argv(inc, e, sid, b"cp-" + sid.encode(), b"m", None)
+                 for sid, e in zip(sids, epochs, strict=True)]
+        assert await scripts.do_fenced_writes(batch) == [1] * len(sids)
+        assert [await client.get(keys.checkpoint(sid)) for sid in sids] == [b"cp-" + s.encode() for s in sids]
+        assert await client.xlen(keys.outbox) == len(sids)  # each ran exactly once
+    finally:
+        await client.aclose()
+        server.kill()
+        server.wait()
+
+
 async def _pings(client: Any) -> bool:
     try:
         return bool(await client.ping())
