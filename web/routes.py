@@ -30,6 +30,7 @@ M = TypeVar("M", bound=BaseModel)
 
 _UUID = re.compile(S.UUID_PATTERN)
 _JSON = "application/json"
+_NO_SWITCH_ARGS = S.SwitchBody()  # the common bodiless switch skips validation
 _NO_ACCESS_LOG = frozenset({"/health", "/ready", "/metrics"})
 
 
@@ -117,7 +118,7 @@ def register_routes(app: Quart, svc: Any) -> None:
         try:
             return await svc.host.ask(sid, command)
         finally:
-            metrics.COMMAND_SECONDS.labels(name, "edge").observe(time.perf_counter() - start)
+            metrics.observe_command(svc.host, sid, name, time.perf_counter() - start)
 
     async def load(sid: str) -> Any:
         return await svc.host.get(sid)
@@ -255,7 +256,8 @@ def register_routes(app: Quart, svc: Any) -> None:
         caller = authenticate()
         sid = session_id_param(raw_id)
         key = idempotency_key()
-        body = validated(S.SwitchBody, await optional_body())
+        raw = await optional_body()
+        body = validated(S.SwitchBody, raw) if raw else _NO_SWITCH_ARGS
         expected = body.expected_active_participant_id
         if not caller.is_admin:
             expected = A.switch_guard(caller, await load(sid), expected)
