@@ -224,7 +224,8 @@ def register_ws(app: Quart, svc: Any) -> None:
         finally:
             metrics.WS_CONNECTIONS.dec()
             sock.send_stream.close()
-            await relays.leave(sid, sock)
+            with anyio.CancelScope(shield=True):  # a disconnect cancels us; still unsubscribe
+                await relays.leave(sid, sock)
 
 
 def _peer(svc: Any) -> str:
