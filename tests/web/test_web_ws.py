@@ -266,3 +266,31 @@ async def test_metrics_show_ws_commands_connections_and_actors(server: KairosSer
     connections = next(float(line.split()[1]) for line in text.splitlines()
                        if line.startswith("kairos_ws_connections "))
     assert connections >= 1
+
+
+async def test_instance_unsubscribes_after_its_last_socket_leaves(
+    server: KairosServer, redis_url: str, module_prefix: str
+) -> None:
+    import anyio
+    import redis.asyncio as aioredis
+
+    from actors.keys import Keys
+
+    sid, _ = make_session(server)
+    channel = Keys(module_prefix).channel(sid)
+    client = aioredis.from_url(redis_url)
+
+    async def subscribers() -> int:
+        return dict(await client.pubsub_numsub(channel)).get(channel.encode(), 0)
+
+    try:
+        url = f"{server.ws_url}?sessionId={sid}&token={server.token('host-1')}"
+        async with connect(url) as one, connect(url) as two:
+            await one.recv()
+            await two.recv()
+            assert await subscribers() == 1  # two sockets, one subscription
+        with anyio.fail_after(5):
+            while await subscribers():  # noqa: ASYNC110 - waiting for the server's unsubscribe
+                await anyio.sleep(0.02)
+    finally:
+        await client.aclose()
