@@ -7,11 +7,28 @@ participants, not a thousand.
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+import dataclasses
+import operator
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kairos.events import Event
 from kairos.session import Participant, Session
+
+T = TypeVar("T")
+
+
+def _shallow_copier(cls: type[T]) -> Callable[[T], T]:
+    """A shallow copy for a slotted dataclass that calls its `__init__` with the current field
+    values: copy.copy goes through `__reduce_ex__` and costs 4-6x more on every command."""
+    fs = dataclasses.fields(cls)  # type: ignore[arg-type]
+    assert len(fs) > 1 and all(f.init for f in fs), cls  # attrgetter of one name: no tuple
+    get = operator.attrgetter(*(f.name for f in fs))
+    return lambda obj: cls(*get(obj))
+
+
+_copy_session = _shallow_copier(Session)
+_copy_participant = _shallow_copier(Participant)
 
 
 class Draft:
@@ -20,7 +37,7 @@ class Draft:
     __slots__ = ("s", "_touched", "_events", "expired_participant_id")
 
     def __init__(self, state: Session) -> None:
-        s = copy.copy(state)
+        s = _copy_session(state)
         s.participants = list(state.participants)
         self.s = s
         self._touched: set[int] = set()
@@ -30,7 +47,7 @@ class Draft:
     def p(self, index: int) -> Participant:
         """The participant at `index`, copied on first use so the input state stays untouched."""
         if index not in self._touched:
-            self.s.participants[index] = copy.copy(self.s.participants[index])
+            self.s.participants[index] = _copy_participant(self.s.participants[index])
             self._touched.add(index)
         return self.s.participants[index]
 
