@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+import orjson
+
 from kairos import events as ev
 from kairos.modes import live_remaining
 from kairos.session import ExpiryPolicy, Participant, Session, Status, SyncMode, Visibility
@@ -144,7 +146,30 @@ def update_message(state: Session | None, events: list[ev.Event], now_ms: int, s
     expired = expired_participant_of(events)
     if expired is not None:
         msg["expired_participant_id"] = expired
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode()
+    return _dumps(msg)
+
+
+def _std_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _dumps(msg: dict[str, Any]) -> bytes:
+    """`_std_dumps(msg)`, byte for byte, ~10x faster (it runs on every command).
+
+    orjson writes ints, strings (checked over every code point), bools and null exactly as the
+    stdlib does; the only free-form part, `state.metadata` (floats and NaN are spelled
+    differently), is written by the stdlib and spliced in. What orjson refuses (ints past 64
+    bits, lone surrogates) goes to the stdlib, which writes or raises as it always did."""
+    state = msg["state"]
+    metadata = None if state is None else state.get("metadata")
+    if metadata is not None:
+        state["metadata"] = orjson.Fragment(_std_dumps(metadata))
+    try:
+        return orjson.dumps(msg)
+    except TypeError:
+        if metadata is not None:
+            state["metadata"] = metadata
+        return _std_dumps(msg)
 
 
 def session_from_json(d: dict[str, Any]) -> Session:
