@@ -73,15 +73,17 @@ def make_token(sub: str, role: str | None = None, ttl_s: int = 3600, secret: str
 class KairosServer:
     """One `kairos serve` process (optionally `--workers N`) on a free loopback port."""
 
-    def __init__(self, env: dict[str, str], *, workers: int = 1, port: int | None = None,
+    def __init__(self, env: dict[str, str | None], *, workers: int = 1, port: int | None = None,
                  ready_timeout_s: float = 30.0) -> None:
+        """`env` adds to this process's environment; a `None` value removes that variable."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/ws"
         self.workers = workers
         self.ready_timeout_s = ready_timeout_s
         self._tmp = tempfile.mkdtemp(prefix="kairos-srv-")
-        self.env = {**os.environ, "KAIROS_DATA_DIR": self._tmp, **env, "KAIROS_PORT": str(self.port)}
+        merged = {**os.environ, "KAIROS_DATA_DIR": self._tmp, **env, "KAIROS_PORT": str(self.port)}
+        self.env: dict[str, str] = {k: v for k, v in merged.items() if v is not None}
         self.env.setdefault("KAIROS_INSTANCE_ID", f"test-{self.port}")
         self.log_path = Path(self._tmp) / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
