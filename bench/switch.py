@@ -201,9 +201,10 @@ def main(argv: list[str]) -> None:
         if not args.redis_url:
             env.pop("KAIROS_REDIS_URL")
         server = KairosServer(env, workers=args.workers, ready_timeout_s=60).start()
-        server.wait_ready(60)
         host, port, token = "127.0.0.1", server.port, server.token("bench")
     try:
+        if server is not None:
+            server.wait_ready(60)
         seq = asyncio.run(sequential(host, port, token, args.n))
         pid = server.pid if server is not None else None
         cpu0 = cpu_seconds(pid)
