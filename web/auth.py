@@ -47,10 +47,17 @@ def local_secret(settings: Settings) -> str:
     path = Path(settings.data_dir) / _SECRET_FILE
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = path.with_name(f".{_SECRET_FILE}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(48))
-        log.warning("generated a local JWT secret", path=str(path))
+        try:
+            os.link(tmp, path)  # atomic: whoever links first wins, everyone reads the winner
+            log.warning("generated a local JWT secret", path=str(path))
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
     return path.read_text().strip()
 
 
