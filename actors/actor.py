@@ -76,6 +76,8 @@ class Store(Protocol):
 
     async def hand_off(self, lease: Lease, session_id: str, target: str | None) -> None: ...
 
+    async def was_deleted(self, session_id: str) -> bool: ...
+
 
 class Runtime(Protocol):
     """What an actor needs from its host (one object shared by all of a host's actors)."""
@@ -410,6 +412,8 @@ class Actor:
         if restore is None or self._restore_tried:
             return None
         self._restore_tried = True
+        if await self.rt.store.was_deleted(self.session_id):
+            return None
         state = await restore(self.session_id)
         if state is None:
             return None

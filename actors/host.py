@@ -150,7 +150,7 @@ class Host:
             raise Unavailable("Session store unreachable, please retry", retry_after=1) from e
         if raw is not None:
             return codec.decode(raw)
-        if self.restore is not None:
+        if self.restore is not None and not await self.scripts.was_deleted(session_id):
             state = await self.restore(session_id)
             if state is not None:
                 return state

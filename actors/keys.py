@@ -177,6 +177,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
 if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+redis.call('HDEL', KEYS[1], 'd')  -- re-created after a delete: no longer a tombstone
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[4], '*', 'm', ARGV[5])
@@ -197,14 +198,15 @@ return 1
 # KEYS as FENCED_WRITE.
 # ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] update message bytes (session_deleted),
 # ARGV[4] channel, ARGV[5] session id
-# Deletes the checkpoint, releases the lease (keeping its epoch), appends + publishes the message,
-# drops the deadline. Returns 1 / 0 fenced / -1 liveness gone.
+# Deletes the checkpoint, releases the lease (keeping its epoch) with a tombstone field `d` so an
+# audit snapshot taken before the deletion was audited cannot resurrect it, appends + publishes
+# the message, drops the deadline. Returns 1 / 0 fenced / -1 liveness gone.
 FENCED_DELETE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
 local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
 if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[3])
-redis.call('HSET', KEYS[1], 'o', '')
+redis.call('HSET', KEYS[1], 'o', '', 'd', '1')
 redis.call('XADD', KEYS[4], '*', 'm', ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[3])
 redis.call('ZREM', KEYS[5], ARGV[5])
@@ -314,10 +316,20 @@ class Scripts:
 
     @asynccontextmanager
     async def _connection_slot(self) -> AsyncIterator[None]:
-        if self._limiter is None:  # created lazily: needs a running event loop
-            self._limiter = anyio.CapacityLimiter(self._slots)
-        async with self._limiter:
+        limiter = self._limiter
+        if limiter is None:  # created lazily: needs a running event loop
+            limiter = self._limiter = anyio.CapacityLimiter(self._slots)
+        # A free slot is taken without a checkpoint: anyio's acquire() always yields to the loop
+        # (a shielded scope + sleep(0), ~20 us on every hot-path command); the call that follows
+        # awaits the socket anyway.
+        try:
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await limiter.acquire()
+        try:
             yield
+        finally:
+            limiter.release()
 
     # membership
     async def do_join(self, incarnation: str, info: bytes, ttl_ms: int) -> bool:
@@ -449,6 +461,11 @@ class Scripts:
     async def do_pop_inbox_batch(self, incarnation: str, count: int) -> list[bytes]:
         """Up to `count` queued forwarded commands at once, without waiting (LPOP count)."""
         return await self.redis.lpop(self.keys.inbox(incarnation), count) or []
+
+    async def was_deleted(self, session_id: str) -> bool:
+        """True if the session was deleted (tombstone on its lease): never restore it from audit."""
+        async with self._connection_slot():
+            return bool(await self.redis.hexists(self.keys.lease(session_id), "d"))
 
     async def do_read_lease(self, session_id: str) -> tuple[str, int]:
         """(owner incarnation or "", epoch) — for admin views and tests."""

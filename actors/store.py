@@ -85,6 +85,10 @@ class RedisStore:
         """Delete checkpoint, release the lease, outbox + publish the deletion: 1 / 0 / -1."""
         return int(await self.scripts.do_fenced_delete(lease.incarnation, lease.epoch, session_id, message))
 
+    async def was_deleted(self, session_id: str) -> bool:
+        """Deleted on purpose (tombstone): the audit snapshot must not bring it back."""
+        return await self.scripts.was_deleted(session_id)
+
     async def release(self, lease: Lease, session_id: str) -> None:
         """Give the lease up (no-op if it is no longer ours)."""
         await self.scripts.do_release(lease.incarnation, lease.epoch, session_id)

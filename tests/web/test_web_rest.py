@@ -267,12 +267,15 @@ def test_switch_not_running_is_400(http: httpx.Client) -> None:
 def test_delete_is_204_and_idempotent(http: httpx.Client) -> None:
     s = create(http)
     sid = s["session_id"]
+    # Make sure the audit already holds a snapshot, so only the tombstone stops a restore.
+    wait_for(lambda: http.get(f"/v1/sessions/{sid}/events").json().get("data"))
     assert http.delete(f"/v1/sessions/{sid}").status_code == 204
-    assert http.delete(f"/v1/sessions/{sid}").status_code == 204
-    # Until the audit worker has recorded the deletion, the audit restore path can still see
-    # the last snapshot (known race, reported); the deletion must win shortly after.
-    wait_for(lambda: http.get(f"/v1/sessions/{sid}").status_code == 404)
     assert_error(http.get(f"/v1/sessions/{sid}"), 404, "SESSION_NOT_FOUND")
+    assert http.delete(f"/v1/sessions/{sid}").status_code == 204
+    assert_error(http.post(f"/v1/sessions/{sid}/start"), 404, "SESSION_NOT_FOUND")
+    # The id is free again: a new session under it starts from scratch.
+    assert create(http, session_id=sid)["version"] == 1
+    assert http.get(f"/v1/sessions/{sid}").json()["data"]["version"] == 1
     assert http.delete(f"/v1/sessions/{new_id()}").status_code == 204
     assert_error(http.delete("/v1/sessions/zzz"), 400, "VALIDATION_ERROR")
 
