@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-import anyio
 import httpx
 import pytest
 
+from tests.failover.kit import wait_until
 from tests.servers import KairosServer, server_env
+
+__all__ = ["Cluster", "LEASE_TTL_MS", "wait_until"]
 
 LEASE_TTL_MS = 1000
 
@@ -96,17 +96,3 @@ def healthy(cluster: Cluster) -> Cluster:
     """The module's cluster with all three instances up (restarting any the last test broke)."""
     cluster.heal()
     return cluster
-
-
-async def wait_until(predicate: Callable[[], Any | Awaitable[Any]], within: float, what: str) -> Any:
-    """Poll `predicate` (sync or async) until truthy; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await anyio.sleep(0.02)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -178,3 +179,17 @@ class ChannelLog:
             with anyio.CancelScope(shield=True):
                 await pubsub.aclose()
                 await client.aclose()
+
+
+async def wait_until(predicate: Callable[[], Any | Awaitable[Any]], within: float, what: str) -> Any:
+    """Poll `predicate` (sync or async) until truthy; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if hasattr(value, "__await__"):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await anyio.sleep(0.02)

