@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_format: Literal["json", "console"] | None = None  # None: console on a terminal, else json
 
-    drain_timeout_s: float = Field(10.0, ge=0)
+    drain_timeout_s: float = Field(30.0, ge=0)  # issue 5: bounded drain, default 30 s
     migrate_on_start: bool = True
     max_body_bytes: int = 1024 * 1024
     ws_max_frame_bytes: int = 64 * 1024
