@@ -322,6 +322,10 @@ class Router:
         while raw is not None:
             try:
                 await self.serve_forwarded(raw)
+            except Exception:
+                # e.g. redis-py's "Too many connections" while activating a burst of hand-offs: an
+                # error escaping here would cancel the host's task group (renewal, timers, inbox)
+                log.exception("serving an inbox entry failed")
             finally:
                 self._serving -= 1
             if len(self._idle_servers) >= _MAX_IDLE_SERVERS:
