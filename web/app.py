@@ -150,9 +150,15 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
             restore = svc.audit.restore
     from actors.host import Host
 
+    # The host gets a connection pool of its own: it budgets its pool (script calls queue behind a
+    # limiter, a few connections kept for its readers), and the audit workers and the fan-out
+    # holding connections of a shared pool made a burst of drain hand-offs fail with redis-py's
+    # "Too many connections".
+    host_redis = aioredis.from_url(s.redis_url)
+    stack.push_async_callback(host_redis.aclose)
     svc.host = await stack.enter_async_context(
         Host(
-            svc.redis,
+            host_redis,
             key_prefix=s.key_prefix,
             lease_ttl_ms=s.lease_ttl_ms,
             instance_id=svc.instance_id,
