@@ -145,7 +145,12 @@ class Host:
         if actor is not None and actor.state is not None:
             return actor.state
         try:
-            raw = await self.scripts.do_load_checkpoint(session_id)
+            try:
+                raw = await self.scripts.do_load_checkpoint(session_id)
+            except RedisConnectionError:
+                # A pooled connection from before a Redis restart fails once and is dropped; a
+                # read is safe to send again (on a fresh connection).
+                raw = await self.scripts.do_load_checkpoint(session_id)
         except (RedisConnectionError, RedisTimeoutError) as e:
             raise Unavailable("Session store unreachable, please retry", retry_after=1) from e
         if raw is not None:
