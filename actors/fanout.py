@@ -22,11 +22,11 @@ Watcher = Callable[[bytes], None]
 
 
 class FanOut:
-    """`async with FanOut(redis, keys) as fanout:`; then `watch(session_id, fn)` / `unwatch`."""
+    """`async with FanOut(redis, key_prefix=...) as fanout:`; then `watch(session_id, fn)` / `unwatch`."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, redis: aioredis.Redis, *, key_prefix: str = "kairos:") -> None:
         self._redis = redis
-        self._keys = keys
+        self._keys = Keys(key_prefix)
         self._watchers: dict[str, set[Watcher]] = {}
         self._by_channel: dict[bytes, str] = {}
         self._pubsub: aioredis.client.PubSub | None = None

@@ -20,8 +20,8 @@ import structlog
 from quart import Quart, Response
 from quart_schema import QuartSchema
 
+from actors.audit import AuditServices
 from actors.fanout import FanOut
-from actors.keys import Keys
 from web import errors as web_errors
 from web import metrics
 from web.auth import Authenticator
@@ -47,7 +47,7 @@ class Services:
     clock: Any = wall_ms
     host: Any = None  # actors.host.Host
     fanout: FanOut | None = None
-    audit: Any = None  # actors.audit.AuditServices, when available
+    audit: AuditServices | None = None  # None only when no database is configured
     redis: aioredis.Redis | None = None
     relays: Any = None  # web.ws.Relays
     draining: bool = False
@@ -146,8 +146,7 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
     restore = None
     if s.database_url:
         svc.audit = await _open_audit(svc, stack)
-        if svc.audit is not None:
-            restore = svc.audit.restore
+        restore = svc.audit.restore
     from actors.host import Host
 
     # The host gets a connection pool of its own: it budgets its pool (script calls queue behind a
@@ -168,17 +167,12 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
         )
     )
     metrics.track_actors(svc.host.actor_count)
-    svc.fanout = await stack.enter_async_context(FanOut(svc.redis, Keys(s.key_prefix)))
+    svc.fanout = await stack.enter_async_context(FanOut(svc.redis, key_prefix=s.key_prefix))
 
 
-async def _open_audit(svc: Services, stack: AsyncExitStack) -> Any:
-    """AuditServices when `actors.audit` exists (it is optional for the web edge)."""
+async def _open_audit(svc: Services, stack: AsyncExitStack) -> AuditServices:
+    """The audit and push workers plus the PostgreSQL-backed queries the routes need."""
     s = svc.settings
-    try:
-        from actors.audit import AuditServices
-    except ImportError:
-        log.warning("actors.audit not available: audit history and push disabled")
-        return None
     audit = AuditServices(
         svc.redis,
         key_prefix=s.key_prefix,

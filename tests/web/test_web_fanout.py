@@ -34,7 +34,7 @@ async def test_subscribe_on_first_watcher_unsubscribe_on_last(redis_url: str, ke
     a: list[bytes] = []
     b: list[bytes] = []
     try:
-        async with FanOut(client, keys) as fanout:
+        async with FanOut(client, key_prefix=key_prefix) as fanout:
             assert await subscribers(client, channel) == 0
             await fanout.watch("s1", a.append)
             await fanout.watch("s1", b.append)
