@@ -197,6 +197,7 @@ async def test_drain_hands_every_session_off_with_no_failed_request(healthy: Clu
             for w in watchers:
                 w.stopped = True
             tg.cancel_scope.cancel()
+    assert c.stop(timeout_s=15) == 0  # SIGTERM after the drain: nothing left to hand off, clean exit
     assert [f for s in switchers for f in s.failures] == []  # zero non-2xx, zero transport errors
     for s in switchers:
         assert total_cycles(finals[s.sid]) == len(s.acked)
