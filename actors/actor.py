@@ -276,7 +276,11 @@ class Actor:
                     if slot is not None:
                         slot.done.set()
             if self.state is None and not self.closed:
-                await self._passivate()  # nothing to keep (unknown id, deleted): free the lease now
+                try:
+                    await self._passivate()  # nothing to keep (unknown id, deleted): free the lease now
+                except Exception as e:  # Redis unreachable: an error escaping a spawned task would
+                    # cancel the host's task group; the lease is re-claimed ('self') by the next ask
+                    log.warning("releasing %s failed: %r", self.session_id, e)
         finally:
             self._running = False
             if self.closed:
