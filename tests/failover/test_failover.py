@@ -17,6 +17,7 @@ import pytest
 from kairos.wire import parse_iso_ms
 from tests.failover.conftest import LEASE_TTL_MS, Cluster, wait_until
 from tests.failover.kit import ChannelLog, Switcher, Watcher, create_running, owner_of, total_cycles
+from tests.servers import KairosServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -176,6 +177,8 @@ async def test_drain_hands_every_session_off_with_no_failed_request(healthy: Clu
             for s in switchers:
                 tg.start_soon(s.run)
             await wait_until(lambda: all(len(s.acked) >= 3 for s in switchers), 15, "traffic on every session")
+            receivers = await _incarnations(http, a.url, admin, a, b)
+            assert len(receivers) == 2
             r = await http.post(f"{c.url}/admin/drain", headers=admin)
             assert r.status_code == 202, r.text
             drained_at = time.monotonic()
@@ -196,6 +199,9 @@ async def test_drain_hands_every_session_off_with_no_failed_request(healthy: Clu
                              10, "watchers re-synced to the final version")
             for w in watchers:
                 w.stopped = True
+            # the receivers kept renewing their liveness throughout (a receiver whose background
+            # tasks died in the hand-off burst would have rejoined under a new incarnation)
+            assert await _incarnations(http, a.url, admin, a, b) == receivers
             tg.cancel_scope.cancel()
     assert c.stop(timeout_s=15) == 0  # SIGTERM after the drain: nothing left to hand off, clean exit
     assert [f for s in switchers for f in s.failures] == []  # zero non-2xx, zero transport errors
@@ -205,6 +211,13 @@ async def test_drain_hands_every_session_off_with_no_failed_request(healthy: Clu
         assert w.closes[0] == (c.ws_url, 1012)
         assert w.versions == sorted(w.versions)
         assert any(f.get("type") == "STATE_SYNC" for url, f in w.frames if url != c.ws_url)  # re-synced
+
+
+async def _incarnations(http: httpx.AsyncClient, url: str, admin: dict[str, str],
+                        *servers: KairosServer) -> dict[str, str]:
+    ids = {s.env["KAIROS_INSTANCE_ID"] for s in servers}
+    live = (await http.get(f"{url}/admin/instances", headers=admin)).json()["data"]
+    return {i["instance_id"]: i["incarnation"] for i in live if i["instance_id"] in ids}
 
 
 def _metric(text: str, name: str) -> float:
