@@ -140,9 +140,8 @@ async def test_idle_actor_passivates_and_releases_its_lease() -> None:
     async with runtime(passivate_after_ms=60_000) as rt:
         actor = await new_actor(rt)
         rt.clock.advance(59_999)
-        rt.timers.poke()
-        await anyio.sleep(0.05)
-        assert not actor.closed
+        assert rt.timers.fire_due() == 0  # 1 ms before the idle limit nothing is due
+        assert not actor.closed and actor.armed is not None
         rt.clock.advance(1)
         rt.timers.poke()
         await wait_for(lambda: actor.closed, what="passivation")
@@ -155,9 +154,8 @@ async def test_running_actor_with_near_deadline_is_not_passivated() -> None:
         actor = await new_actor(rt, bank_ms=90_000)
         await actor.ask(Start())
         rt.clock.advance(60_000)  # idle long enough, but its flag falls in 30 s
-        rt.timers.poke()
-        await anyio.sleep(0.05)
-        assert not actor.closed
+        assert rt.timers.fire_due() == 1  # the idle check ran synchronously ...
+        assert not actor.closed and actor.armed is not None  # ... and re-armed instead of passivating
         rt.clock.advance(30_000)
         rt.timers.poke()
         await wait_for(lambda: actor.state.status is Status.EXPIRED, what="expiry")
