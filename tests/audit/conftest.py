@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from actors.keys import Keys
 from tests.audit.fake_fcm import fake_fcm, service_account  # noqa: F401 (fixtures)
+from tests.waiting import eventually  # noqa: F401 (re-exported for audit tests)
 
 
 @pytest.fixture
@@ -32,18 +31,6 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 @pytest.fixture
 def keys(key_prefix: str) -> Keys:
     return Keys(key_prefix)
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], within: float = 20.0, what: str = "") -> Any:
-    """Poll `check` until it returns something truthy; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await anyio.sleep(0.05)
 
 
 async def fetch(database_url: str, sql: str, *args: Any) -> list[asyncpg.Record]:

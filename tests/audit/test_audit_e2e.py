@@ -6,8 +6,6 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
 
 import httpx
 import pytest
@@ -17,22 +15,13 @@ from actors.keys import Keys
 from tests.audit.conftest import start_pgserver
 from tests.audit.fake_fcm import FakeFcm
 from tests.servers import KairosServer, server_env
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
 LIFECYCLE = ["session_created", "session_started", "cycle_switched", "cycle_switched",
              "cycle_switched", "session_paused", "session_resumed", "session_completed"]
 
-
-def wait_for(check: Callable[[], Any], within: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling a condition on another process
 
 
 def test_rest_lifecycle_events_devices_push_and_restore(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -16,6 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from actors.keys import Keys
+from tests.waiting import eventually as wait_until  # noqa: F401 (re-exported)
 
 
 def session_body(bank_ms: int = 300_000, n: int = 2) -> dict[str, Any]:
@@ -179,17 +179,3 @@ class ChannelLog:
             with anyio.CancelScope(shield=True):
                 await pubsub.aclose()
                 await client.aclose()
-
-
-async def wait_until(predicate: Callable[[], Any | Awaitable[Any]], within: float, what: str) -> Any:
-    """Poll `predicate` (sync or async) until truthy; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if hasattr(value, "__await__"):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await anyio.sleep(0.02)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-import anyio
 import pytest
 
 from kairos.commands import Create, ParticipantSpec
+from tests.waiting import eventually as wait_for  # noqa: F401 (re-exported)
 
 
 @pytest.fixture
@@ -50,21 +48,6 @@ def create_command(session_id: str, *, n: int = 2, bank_ms: int = 60_000, mode: 
     """A valid Create for `n` participants with `bank_ms` each."""
     participants = tuple(ParticipantSpec(str(uuid.uuid4()), bank_ms) for _ in range(n))
     return Create(session_id=session_id, sync_mode=mode, participants=participants, owner="alice", **extra)
-
-
-async def wait_for(predicate: Callable[[], Any | Awaitable[Any]], within: float = 5.0,
-                   what: str = "condition") -> Any:
-    """Poll `predicate` (sync or async) until truthy; fail the test after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.01)
 
 
 @asynccontextmanager

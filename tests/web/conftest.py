@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.servers import KairosServer, server_env
+from tests.waiting import wait_for  # noqa: F401 (re-exported)
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +48,6 @@ def chess_body(session_id: str | None = None, n: int = 2, **extra: Any) -> dict[
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def wait_for(cond: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.02) -> Any:
-    """Poll `cond` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval_s)
 
 
 @pytest.fixture(scope="module")
