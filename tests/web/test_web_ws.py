@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from kairos.client import KairosClient, SubscriptionClosed, wall_clock_ms
 from kairos.errors import InvalidStateTransition
 from tests.servers import KairosServer, server_env
+from tests.waiting import eventually
 from tests.web.conftest import bearer, chess_body
 
 pytestmark = pytest.mark.anyio
@@ -271,7 +272,6 @@ async def test_metrics_show_ws_commands_connections_and_actors(server: KairosSer
 async def test_instance_unsubscribes_after_its_last_socket_leaves(
     server: KairosServer, redis_url: str, module_prefix: str
 ) -> None:
-    import anyio
     import redis.asyncio as aioredis
 
     from actors.keys import Keys
@@ -289,8 +289,9 @@ async def test_instance_unsubscribes_after_its_last_socket_leaves(
             await one.recv()
             await two.recv()
             assert await subscribers() == 1  # two sockets, one subscription
-        with anyio.fail_after(5):
-            while await subscribers():  # noqa: ASYNC110 - waiting for the server's unsubscribe
-                await anyio.sleep(0.02)
+        async def unsubscribed() -> bool:
+            return await subscribers() == 0
+
+        await eventually(unsubscribed, within=5, what="the server's unsubscribe after the last socket")
     finally:
         await client.aclose()
