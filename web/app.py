@@ -12,7 +12,7 @@ import time
 import uuid
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import redis.asyncio as aioredis
@@ -27,6 +27,10 @@ from web import metrics
 from web.auth import Authenticator
 from web.limits import ClientAddress, GeneralLimiter
 from web.settings import Settings
+
+if TYPE_CHECKING:
+    from actors.host import Host
+    from web.ws import Relays
 
 log = structlog.get_logger("kairos.app")
 
@@ -45,11 +49,11 @@ class Services:
     addresses: ClientAddress
     instance_id: str
     clock: Any = wall_ms
-    host: Any = None  # actors.host.Host
+    host: Host = None  # type: ignore[assignment]  # set by the lifespan before serving
     fanout: FanOut | None = None
     audit: AuditServices | None = None  # None only when no database is configured
     redis: aioredis.Redis | None = None
-    relays: Any = None  # web.ws.Relays
+    relays: Relays | None = None
     draining: bool = False
     task_group: anyio.abc.TaskGroup | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -102,7 +106,7 @@ def create_app(settings: Settings) -> Quart:
     _skip_schema_conversion_for_responses(app)
     app.extensions["kairos"] = svc
     web_errors.install(app)
-    register_routes(app, svc)
+    register_routes(app)
     register_ws(app, svc)
 
     @app.while_serving

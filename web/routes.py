@@ -1,4 +1,7 @@
-"""REST routes of API.md: sessions, time, devices, admin, health, readiness and metrics."""
+"""REST routes of API.md: sessions, time, devices, admin, health, readiness and metrics.
+
+One Blueprint of top-level handlers; each reaches the instance's `Services` through `services()`.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,13 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
-from quart import Quart, Response, request
+from quart import Blueprint, Quart, Response, current_app, request
 from quart_schema import document_querystring, document_request, document_response, tag
 
 from kairos import commands as C
@@ -23,6 +26,9 @@ from web import errors as W
 from web import metrics
 from web import schemas as S
 
+if TYPE_CHECKING:
+    from web.app import Services
+
 log = structlog.get_logger("kairos.http")
 
 SERVER_VERSION = "kairos-0.1.0"
@@ -32,6 +38,14 @@ _UUID = re.compile(S.UUID_PATTERN)
 _JSON = "application/json"
 _NO_SWITCH_ARGS = S.SwitchBody()  # the common bodiless switch skips validation
 _NO_ACCESS_LOG = frozenset({"/health", "/ready", "/metrics"})
+_ACCESS_LOG = "KAIROS_ACCESS_LOG"  # app.config flag: log every request (INFO or DEBUG level)
+
+bp = Blueprint("kairos", __name__)
+
+
+def services() -> Services:
+    """The serving app's `Services` (set by `web.app.create_app`)."""
+    return current_app.extensions["kairos"]  # type: ignore[no-any-return]
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -98,289 +112,353 @@ async def required_body() -> Any:
         ) from None
 
 
-def register_routes(app: Quart, svc: Any) -> None:
-    """Attach every REST route to `app`; handlers close over the instance's `Services`."""
+def register_routes(app: Quart) -> None:
+    """Attach every REST route (the blueprint) to `app`."""
+    app.register_blueprint(bp)
+
+
+@bp.record_once
+def _configure(state: Any) -> None:
+    level = logging.getLevelName(state.app.extensions["kairos"].settings.log_level.upper())
+    state.app.config[_ACCESS_LOG] = level in (logging.DEBUG, logging.INFO)
+
+
+def authenticate() -> A.Caller:
+    """The request's caller (raises Unauthorized); counts the request against its general limit."""
+    svc = services()
+    caller = svc.auth.caller(request.headers.get("Authorization"))
+    quota = svc.limiter.hit(caller.sub if svc.auth.enabled else client_address())
+    if quota is not None:
+        # after_request adds the RateLimit-* headers to whatever the route answers.
+        request._kairos_quota = quota  # type: ignore[attr-defined]
+    return caller
+
+
+def client_address() -> str:
+    """The client's address (X-Forwarded-For honoured only from trusted proxies)."""
+    return services().addresses.resolve(request.remote_addr, request.headers.get("X-Forwarded-For"))
+
+
+async def ask(sid: str, command: Any, name: str) -> Any:
+    """Run `command` on the session's actor, timing it for the command metrics."""
+    host = services().host
+    start = time.perf_counter()
+    try:
+        return await host.ask(sid, command)
+    finally:
+        metrics.observe_command(host, sid, name, time.perf_counter() - start)
+
+
+async def load(sid: str) -> Any:
+    """The session's current state (raises SessionNotFound)."""
+    return await services().host.get(sid)
+
+
+# ---------------- health, readiness, metrics, time ----------------
+
+
+@bp.get("/health")
+@tag(["ops"])
+@document_response(S.StatusOut)
+async def health() -> Response:
+    """Alive."""
+    return Response('{"status":"ok"}', content_type=_JSON)
+
+
+@bp.get("/ready")
+@tag(["ops"])
+@document_response(S.StatusOut, 200)
+@document_response(S.StatusOut, 503)
+async def ready() -> Response:
+    """Ready to serve: Redis (and PostgreSQL) reachable and not draining."""
+    svc = services()
+    try:
+        if svc.draining or (svc.host is not None and getattr(svc.host, "draining", False)):
+            raise RuntimeError("instance draining")
+        if svc.redis is None:
+            raise RuntimeError("starting")
+        await svc.redis.ping()
+        if svc.audit is not None:
+            await svc.audit.ping()
+    except Exception as exc:  # any failure means "not ready", with the reason
+        return json_response({"status": "not_ready", "error": str(exc) or type(exc).__name__}, 503)
+    return json_response({"status": "ready"})
+
+
+@bp.get("/metrics")
+@tag(["ops"])
+async def metrics_route() -> Response:
+    """Prometheus text exposition."""
+    body, ctype = metrics.exposition()
+    return Response(body, content_type=ctype)
+
+
+@bp.get("/v1/time")
+@tag(["time"])
+@document_response(S.TimeOut)
+async def server_time() -> Response:
+    """Server clock for sync: four-timestamp fields `server_receive_ms`/`server_send_ms`."""
+    svc = services()
     clock = svc.clock
+    received = clock()
+    quota = svc.limiter.hit(client_address())
+    if quota is not None:
+        request._kairos_quota = quota  # type: ignore[attr-defined]
+    now = clock()
+    return json_response(
+        {"timestamp_ms": now, "server_version": SERVER_VERSION,
+         "drift_tolerance_ms": 50, "server_receive_ms": received, "server_send_ms": clock()},
+    )
 
-    def authenticate() -> A.Caller:
-        caller = svc.auth.caller(request.headers.get("Authorization"))
-        quota = svc.limiter.hit(caller.sub if svc.auth.enabled else client_address())
-        if quota is not None:
-            # after_request adds the RateLimit-* headers to whatever the route answers.
-            request._kairos_quota = quota  # type: ignore[attr-defined]
-        return caller
 
-    def client_address() -> str:
-        return svc.addresses.resolve(request.remote_addr, request.headers.get("X-Forwarded-For"))
+# ---------------- sessions ----------------
 
-    async def ask(sid: str, command: Any, name: str) -> Any:
-        start = time.perf_counter()
-        try:
-            return await svc.host.ask(sid, command)
-        finally:
-            metrics.observe_command(svc.host, sid, name, time.perf_counter() - start)
 
-    async def load(sid: str) -> Any:
-        return await svc.host.get(sid)
+@bp.post("/v1/sessions")
+@tag(["sessions"])
+@document_request(S.CreateSession)
+@document_response(S.SessionEnvelope, 201)
+@document_response(S.ErrorOut, 409)
+async def create_session() -> Response:
+    """Create a session; the caller (`sub`) becomes its owner."""
+    caller = authenticate()
+    key = idempotency_key()
+    raw = await required_body()
+    body = validated(S.CreateSession, raw)
+    problems = body.cross_field_errors()
+    if problems:
+        raise W.validation_error(problems)
+    cmd = C.Create(
+        session_id=body.session_id,
+        sync_mode=body.sync_mode,
+        participants=tuple(
+            C.ParticipantSpec(p.participant_id, p.total_time_ms, p.participant_index, p.group_id)
+            for p in body.participants
+        ),
+        owner=caller.sub,
+        total_time_ms=body.total_time_ms,
+        time_per_cycle_ms=body.time_per_cycle_ms,
+        increment_ms=body.increment_ms,
+        max_time_ms=body.max_time_ms,
+        expiry_policy=body.expiry_policy,
+        time_warning_ms=body.time_warning_ms,
+        visibility=body.visibility,
+        metadata=body.metadata,
+        command_id=key,
+    )
+    reply = await ask(body.session_id, cmd, "create")
+    return json_response({"data": wire.session_json(reply.state, reply.now_ms)}, 201)
 
-    # ---------------- health, readiness, metrics, time ----------------
 
-    @app.get("/health")
-    @tag(["ops"])
-    @document_response(S.StatusOut)
-    async def health() -> Response:
-        """Alive."""
-        return Response('{"status":"ok"}', content_type=_JSON)
+@bp.get("/v1/sessions/<raw_id>")
+@tag(["sessions"])
+@document_response(S.SessionEnvelope)
+async def get_session(raw_id: str) -> Response:
+    """The session with live times as of `server_time_ms`."""
+    caller = authenticate()
+    sid = session_id_param(raw_id)
+    state = await load(sid)
+    A.require_read(caller, state)
+    return json_response({"data": wire.session_json(state, services().clock())})
 
-    @app.get("/ready")
-    @tag(["ops"])
-    @document_response(S.StatusOut, 200)
-    @document_response(S.StatusOut, 503)
-    async def ready() -> Response:
-        """Ready to serve: Redis (and PostgreSQL) reachable and not draining."""
-        try:
-            if svc.draining or (svc.host is not None and getattr(svc.host, "draining", False)):
-                raise RuntimeError("instance draining")
-            if svc.redis is None:
-                raise RuntimeError("starting")
-            await svc.redis.ping()
-            if svc.audit is not None:
-                await svc.audit.ping()
-        except Exception as exc:  # any failure means "not ready", with the reason
-            return json_response({"status": "not_ready", "error": str(exc) or type(exc).__name__}, 503)
-        return json_response({"status": "ready"})
 
-    @app.get("/metrics")
-    @tag(["ops"])
-    async def metrics_route() -> Response:
-        """Prometheus text exposition."""
-        body, ctype = metrics.exposition()
-        return Response(body, content_type=ctype)
+async def lifecycle(raw_id: str, name: str, make: Callable[[str | None], Any]) -> Response:
+    """A bodiless lifecycle command (start/pause/...) by the owner or an admin."""
+    caller = authenticate()
+    sid = session_id_param(raw_id)
+    key = idempotency_key()
+    await optional_body()  # read and ignored: these commands take no arguments
+    cmd = make(key)
+    if not caller.is_admin:
+        A.require_manage(caller, await load(sid))
+    reply = await ask(sid, cmd, name)
+    return json_response({"data": wire.session_json(reply.state, reply.now_ms)})
 
-    @app.get("/v1/time")
-    @tag(["time"])
-    @document_response(S.TimeOut)
-    async def server_time() -> Response:
-        """Server clock for sync: four-timestamp fields `server_receive_ms`/`server_send_ms`."""
-        received = clock()
-        quota = svc.limiter.hit(client_address())
-        if quota is not None:
-            request._kairos_quota = quota  # type: ignore[attr-defined]
-        now = clock()
-        return json_response(
-            {"timestamp_ms": now, "server_version": SERVER_VERSION,
-             "drift_tolerance_ms": 50, "server_receive_ms": received, "server_send_ms": clock()},
-        )
 
-    # ---------------- sessions ----------------
+@bp.post("/v1/sessions/<raw_id>/start")
+@tag(["sessions"])
+@document_response(S.SessionEnvelope)
+async def start_session(raw_id: str) -> Response:
+    """Start the session (owner or admin)."""
+    return await lifecycle(raw_id, "start", lambda k: C.Start(command_id=k))
 
-    @app.post("/v1/sessions")
-    @tag(["sessions"])
-    @document_request(S.CreateSession)
-    @document_response(S.SessionEnvelope, 201)
-    @document_response(S.ErrorOut, 409)
-    async def create_session() -> Response:
-        """Create a session; the caller (`sub`) becomes its owner."""
-        caller = authenticate()
-        key = idempotency_key()
-        raw = await required_body()
-        body = validated(S.CreateSession, raw)
-        problems = body.cross_field_errors()
-        if problems:
-            raise W.validation_error(problems)
-        cmd = C.Create(
-            session_id=body.session_id,
-            sync_mode=body.sync_mode,
-            participants=tuple(
-                C.ParticipantSpec(p.participant_id, p.total_time_ms, p.participant_index, p.group_id)
-                for p in body.participants
-            ),
-            owner=caller.sub,
-            total_time_ms=body.total_time_ms,
-            time_per_cycle_ms=body.time_per_cycle_ms,
-            increment_ms=body.increment_ms,
-            max_time_ms=body.max_time_ms,
-            expiry_policy=body.expiry_policy,
-            time_warning_ms=body.time_warning_ms,
-            visibility=body.visibility,
-            metadata=body.metadata,
-            command_id=key,
-        )
-        reply = await ask(body.session_id, cmd, "create")
-        return json_response({"data": wire.session_json(reply.state, reply.now_ms)}, 201)
 
-    @app.get("/v1/sessions/<raw_id>")
-    @tag(["sessions"])
-    @document_response(S.SessionEnvelope)
-    async def get_session(raw_id: str) -> Response:
-        """The session with live times as of `server_time_ms`."""
-        caller = authenticate()
-        sid = session_id_param(raw_id)
-        state = await load(sid)
-        A.require_read(caller, state)
-        return json_response({"data": wire.session_json(state, clock())})
+@bp.post("/v1/sessions/<raw_id>/pause")
+@tag(["sessions"])
+@document_response(S.SessionEnvelope)
+async def pause_session(raw_id: str) -> Response:
+    """Pause the session (owner or admin)."""
+    return await lifecycle(raw_id, "pause", lambda k: C.Pause(command_id=k))
 
-    def action(name: str, make: Callable[[dict[str, Any], str | None], Any]) -> Callable[[str], Awaitable[Response]]:
-        async def handler(raw_id: str) -> Response:
-            caller = authenticate()
-            sid = session_id_param(raw_id)
-            key = idempotency_key()
-            body = await optional_body()
-            cmd = make(body, key)
-            if not caller.is_admin:
-                A.require_manage(caller, await load(sid))
-            reply = await ask(sid, cmd, name)
-            return json_response({"data": wire.session_json(reply.state, reply.now_ms)})
 
-        handler.__name__ = f"{name}_session"
-        handler.__doc__ = f"{name.capitalize()} the session (owner or admin)."
-        return handler
+@bp.post("/v1/sessions/<raw_id>/resume")
+@tag(["sessions"])
+@document_response(S.SessionEnvelope)
+async def resume_session(raw_id: str) -> Response:
+    """Resume the session (owner or admin)."""
+    return await lifecycle(raw_id, "resume", lambda k: C.Resume(command_id=k))
 
-    for name, make in (
-        ("start", lambda b, k: C.Start(command_id=k)),
-        ("pause", lambda b, k: C.Pause(command_id=k)),
-        ("resume", lambda b, k: C.Resume(command_id=k)),
-        ("complete", lambda b, k: C.Complete(command_id=k)),
-    ):
-        view = tag(["sessions"])(document_response(S.SessionEnvelope)(action(name, make)))
-        app.add_url_rule(f"/v1/sessions/<raw_id>/{name}", view_func=view, methods=["POST"])
 
-    @app.post("/v1/sessions/<raw_id>/switch")
-    @tag(["sessions"])
-    @document_request(S.SwitchBody)
-    @document_response(S.SwitchEnvelope)
-    @document_response(S.ErrorOut, 409)
-    @document_response(S.ErrorOut, 429)
-    async def switch_session(raw_id: str) -> Response:
-        """End the active turn; owner, admin or the active participant. Body optional."""
-        caller = authenticate()
-        sid = session_id_param(raw_id)
-        key = idempotency_key()
-        raw = await optional_body()
-        body = validated(S.SwitchBody, raw) if raw else _NO_SWITCH_ARGS
-        expected = body.expected_active_participant_id
+@bp.post("/v1/sessions/<raw_id>/complete")
+@tag(["sessions"])
+@document_response(S.SessionEnvelope)
+async def complete_session(raw_id: str) -> Response:
+    """Complete the session (owner or admin)."""
+    return await lifecycle(raw_id, "complete", lambda k: C.Complete(command_id=k))
+
+
+@bp.post("/v1/sessions/<raw_id>/switch")
+@tag(["sessions"])
+@document_request(S.SwitchBody)
+@document_response(S.SwitchEnvelope)
+@document_response(S.ErrorOut, 409)
+@document_response(S.ErrorOut, 429)
+async def switch_session(raw_id: str) -> Response:
+    """End the active turn; owner, admin or the active participant. Body optional."""
+    caller = authenticate()
+    sid = session_id_param(raw_id)
+    key = idempotency_key()
+    raw = await optional_body()
+    body = validated(S.SwitchBody, raw) if raw else _NO_SWITCH_ARGS
+    expected = body.expected_active_participant_id
+    if not caller.is_admin:
+        expected = A.switch_guard(caller, await load(sid), expected)
+    reply = await ask(
+        sid, C.Switch(body.next_participant_id, expected, command_id=key), "switch"
+    )
+    data = wire.switch_result_json(
+        reply.state, reply.now_ms, reply.outcome.get("expired_participant_id")
+    )
+    return json_response({"data": data})
+
+
+@bp.delete("/v1/sessions/<raw_id>")
+@tag(["sessions"])
+async def delete_session(raw_id: str) -> Response:
+    """Delete (204, also for an unknown id: idempotent). Owner or admin."""
+    caller = authenticate()
+    sid = session_id_param(raw_id)
+    key = idempotency_key()
+    try:
         if not caller.is_admin:
-            expected = A.switch_guard(caller, await load(sid), expected)
-        reply = await ask(
-            sid, C.Switch(body.next_participant_id, expected, command_id=key), "switch"
-        )
-        data = wire.switch_result_json(
-            reply.state, reply.now_ms, reply.outcome.get("expired_participant_id")
-        )
-        return json_response({"data": data})
+            A.require_manage(caller, await load(sid))
+        await ask(sid, C.Delete(command_id=key), "delete")
+    except SessionNotFound:
+        pass
+    return Response(b"", status=204)
 
-    @app.delete("/v1/sessions/<raw_id>")
-    @tag(["sessions"])
-    async def delete_session(raw_id: str) -> Response:
-        """Delete (204, also for an unknown id: idempotent). Owner or admin."""
-        caller = authenticate()
-        sid = session_id_param(raw_id)
-        key = idempotency_key()
-        try:
-            if not caller.is_admin:
-                A.require_manage(caller, await load(sid))
-            await ask(sid, C.Delete(command_id=key), "delete")
-        except SessionNotFound:
-            pass
-        return Response(b"", status=204)
 
-    @app.get("/v1/sessions/<raw_id>/events")
-    @tag(["sessions"])
-    @document_querystring(S.EventsQuery)
-    @document_response(S.EventsEnvelope)
-    async def session_events(raw_id: str) -> Response:
-        """Audit history, oldest first; page with `?after_version=`."""
-        caller = authenticate()
-        sid = session_id_param(raw_id)
-        q = validated(S.EventsQuery, dict(request.args))
-        state = await load(sid)
-        A.require_read(caller, state)
-        events = [] if svc.audit is None else await svc.audit.events(sid, q.after_version, q.limit)
-        return json_response({"data": events})
+@bp.get("/v1/sessions/<raw_id>/events")
+@tag(["sessions"])
+@document_querystring(S.EventsQuery)
+@document_response(S.EventsEnvelope)
+async def session_events(raw_id: str) -> Response:
+    """Audit history, oldest first; page with `?after_version=`."""
+    caller = authenticate()
+    sid = session_id_param(raw_id)
+    q = validated(S.EventsQuery, dict(request.args))
+    state = await load(sid)
+    A.require_read(caller, state)
+    audit = services().audit
+    events = [] if audit is None else await audit.events(sid, q.after_version, q.limit)
+    return json_response({"data": events})
 
-    # ---------------- devices ----------------
 
-    @app.post("/v1/devices")
-    @tag(["devices"])
-    @document_request(S.DeviceIn)
-    @document_response(S.DeviceEnvelope, 201)
-    async def register_device() -> Response:
-        """Register a push token for the caller."""
-        caller = authenticate()
-        raw = await required_body()
-        body = validated(S.DeviceIn, raw)
-        if svc.audit is not None:
-            await svc.audit.register_device(caller.sub, body.token, body.platform)
-        return json_response({"data": body.model_dump()}, 201)
+# ---------------- devices ----------------
 
-    @app.delete("/v1/devices/<path:token>")
-    @tag(["devices"])
-    async def delete_device(token: str) -> Response:
-        """Forget a push token of the caller (204 even if unknown)."""
-        caller = authenticate()
-        if svc.audit is not None:
-            await svc.audit.delete_device(caller.sub, token)
-        return Response(b"", status=204)
 
-    # ---------------- admin ----------------
+@bp.post("/v1/devices")
+@tag(["devices"])
+@document_request(S.DeviceIn)
+@document_response(S.DeviceEnvelope, 201)
+async def register_device() -> Response:
+    """Register a push token for the caller."""
+    caller = authenticate()
+    raw = await required_body()
+    body = validated(S.DeviceIn, raw)
+    audit = services().audit
+    if audit is not None:
+        await audit.register_device(caller.sub, body.token, body.platform)
+    return json_response({"data": body.model_dump()}, 201)
 
-    @app.post("/admin/drain")
-    @tag(["admin"])
-    async def admin_drain() -> Response:
-        """Drain this instance (admin): hand off leases, close sockets with 1012."""
-        caller = authenticate()
-        A.require_admin(caller)
-        assert svc.task_group is not None
-        svc.task_group.start_soon(svc.drain)
-        return json_response({"data": {"status": "draining", "instance_id": svc.instance_id}}, 202)
 
-    @app.get("/admin/instances")
-    @tag(["admin"])
-    @document_response(S.InstancesEnvelope)
-    async def admin_instances() -> Response:
-        """Live instances with actor counts and draining flags (admin)."""
-        caller = authenticate()
-        A.require_admin(caller)
-        return json_response({"data": await svc.host.instances()})
+@bp.delete("/v1/devices/<path:token>")
+@tag(["devices"])
+async def delete_device(token: str) -> Response:
+    """Forget a push token of the caller (204 even if unknown)."""
+    caller = authenticate()
+    audit = services().audit
+    if audit is not None:
+        await audit.delete_device(caller.sub, token)
+    return Response(b"", status=204)
 
-    @app.get("/admin/sessions/<raw_id>/owner")
-    @tag(["admin"])
-    async def admin_session_owner(raw_id: str) -> Response:
-        """Who holds the session's lease: instance_id, incarnation, epoch, alive (admin). All null
-        while nobody does (never activated, passivated, or released)."""
-        caller = authenticate()
-        A.require_admin(caller)
-        sid = session_id_param(raw_id)
-        owner = await svc.host.owner(sid) or {
-            "incarnation": None, "epoch": None, "alive": False, "instance_id": None}
-        return json_response({"data": {"session_id": sid, **owner}})
 
-    # ---------------- access log, ids, request metrics ----------------
+# ---------------- admin ----------------
 
-    access_log_on = logging.getLevelName(svc.settings.log_level.upper()) in (logging.DEBUG, logging.INFO)
 
-    @app.before_request
-    async def bind_ids() -> None:
-        req = request._get_current_object()  # one proxy lookup instead of one per attribute
-        structlog.contextvars.clear_contextvars()
-        rid = req.headers.get("X-Request-Id") or f"{time.monotonic_ns():x}"
-        sid = (req.view_args or {}).get("raw_id")
-        if sid is not None:
-            structlog.contextvars.bind_contextvars(request_id=rid[:64], session_id=sid[:64])
-        else:
-            structlog.contextvars.bind_contextvars(request_id=rid[:64])
-        req._kairos_t0 = time.perf_counter()  # type: ignore[attr-defined]
+@bp.post("/admin/drain")
+@tag(["admin"])
+async def admin_drain() -> Response:
+    """Drain this instance (admin): hand off leases, close sockets with 1012."""
+    caller = authenticate()
+    A.require_admin(caller)
+    svc = services()
+    assert svc.task_group is not None
+    svc.task_group.start_soon(svc.drain)
+    return json_response({"data": {"status": "draining", "instance_id": svc.instance_id}}, 202)
 
-    @app.after_request
-    async def access_log(response: Response) -> Response:
-        req = request._get_current_object()
-        rule = req.url_rule.rule if req.url_rule is not None else "unmatched"
-        metrics.HTTP_REQUESTS.labels(req.method, rule, response.status_code).inc()
-        quota = getattr(req, "_kairos_quota", None)
-        if quota is not None:
-            response.headers.update(quota.headers())
-        if access_log_on and req.path not in _NO_ACCESS_LOG:
-            t0 = getattr(req, "_kairos_t0", None)
-            log.info("request", method=req.method, path=req.path, status=response.status_code,
-                     ms=round((time.perf_counter() - t0) * 1000, 3) if t0 else None)
-        return response
+
+@bp.get("/admin/instances")
+@tag(["admin"])
+@document_response(S.InstancesEnvelope)
+async def admin_instances() -> Response:
+    """Live instances with actor counts and draining flags (admin)."""
+    caller = authenticate()
+    A.require_admin(caller)
+    return json_response({"data": await services().host.instances()})
+
+
+@bp.get("/admin/sessions/<raw_id>/owner")
+@tag(["admin"])
+async def admin_session_owner(raw_id: str) -> Response:
+    """Who holds the session's lease: instance_id, incarnation, epoch, alive (admin). All null
+    while nobody does (never activated, passivated, or released)."""
+    caller = authenticate()
+    A.require_admin(caller)
+    sid = session_id_param(raw_id)
+    owner = await services().host.owner(sid) or {
+        "incarnation": None, "epoch": None, "alive": False, "instance_id": None}
+    return json_response({"data": {"session_id": sid, **owner}})
+
+
+# ---------------- access log, ids, request metrics ----------------
+
+
+@bp.before_app_request
+async def bind_ids() -> None:
+    """Bind request (and session) ids to the log context; note the start time."""
+    req = request._get_current_object()  # one proxy lookup instead of one per attribute
+    structlog.contextvars.clear_contextvars()
+    rid = req.headers.get("X-Request-Id") or f"{time.monotonic_ns():x}"
+    sid = (req.view_args or {}).get("raw_id")
+    if sid is not None:
+        structlog.contextvars.bind_contextvars(request_id=rid[:64], session_id=sid[:64])
+    else:
+        structlog.contextvars.bind_contextvars(request_id=rid[:64])
+    req._kairos_t0 = time.perf_counter()  # type: ignore[attr-defined]
+
+
+@bp.after_app_request
+async def access_log(response: Response) -> Response:
+    """Count the request, add the RateLimit-* headers, log it (not health/ready/metrics)."""
+    req = request._get_current_object()
+    rule = req.url_rule.rule if req.url_rule is not None else "unmatched"
+    metrics.HTTP_REQUESTS.labels(req.method, rule, response.status_code).inc()
+    quota = getattr(req, "_kairos_quota", None)
+    if quota is not None:
+        response.headers.update(quota.headers())
+    if current_app.config[_ACCESS_LOG] and req.path not in _NO_ACCESS_LOG:
+        t0 = getattr(req, "_kairos_t0", None)
+        log.info("request", method=req.method, path=req.path, status=response.status_code,
+                 ms=round((time.perf_counter() - t0) * 1000, 3) if t0 else None)
+    return response

@@ -12,7 +12,7 @@ import gc
 import json
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
@@ -25,6 +25,9 @@ from web import auth as A
 from web import errors as W
 from web import metrics
 from web.schemas import UUID_PATTERN
+
+if TYPE_CHECKING:
+    from web.app import Services
 
 log = structlog.get_logger("kairos.ws")
 
@@ -115,7 +118,7 @@ def update_frames(message: bytes) -> tuple[list[str], bool]:
 class Relays:
     """All relays of this instance; subscribes through the fan-out on a session's first socket."""
 
-    def __init__(self, svc: Any) -> None:
+    def __init__(self, svc: Services) -> None:
         self.svc = svc
         self.relays: dict[str, Relay] = {}
         self.sockets: set[Socket] = set()
@@ -165,7 +168,7 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def register_ws(app: Quart, svc: Any) -> None:
+def register_ws(app: Quart, svc: Services) -> None:
     """Attach the `/ws` endpoint."""
     clock = svc.clock
     relays: Relays = svc.relays
@@ -228,7 +231,7 @@ def register_ws(app: Quart, svc: Any) -> None:
                 await relays.leave(sid, sock)
 
 
-def _peer(svc: Any) -> str:
+def _peer(svc: Services) -> str:
     return svc.addresses.resolve(websocket.remote_addr, websocket.headers.get("X-Forwarded-For"))
 
 
@@ -240,7 +243,7 @@ async def _sender(sock: Socket) -> None:
         sock.flushed.set()
 
 
-async def _receiver(svc: Any, sid: str, caller: A.Caller, sock: Socket) -> None:
+async def _receiver(svc: Services, sid: str, caller: A.Caller, sock: Socket) -> None:
     try:
         while True:
             raw = await websocket.receive()
@@ -268,7 +271,7 @@ async def _receiver(svc: Any, sid: str, caller: A.Caller, sock: Socket) -> None:
         sock.close(1000, "", flush=False)
 
 
-async def _state_sync(svc: Any, sid: str, caller: A.Caller) -> None:
+async def _state_sync(svc: Services, sid: str, caller: A.Caller) -> None:
     try:
         state = await svc.host.get(sid)
         A.require_read(caller, state)
@@ -280,7 +283,7 @@ async def _state_sync(svc: Any, sid: str, caller: A.Caller) -> None:
                                  "state": wire.session_json(state, now)}))
 
 
-async def _command(svc: Any, sid: str, caller: A.Caller, kind: str, msg: dict[str, Any]) -> str:
+async def _command(svc: Services, sid: str, caller: A.Caller, kind: str, msg: dict[str, Any]) -> str:
     """Run one socket command with REST's rules; returns the ACK or ERROR frame."""
     request_id = msg.get("request_id")
     request_id = request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
