@@ -31,8 +31,8 @@ CHECKPOINT_TTL_MS = 4 * 24 * 3600 * 1000
 INBOX_TTL_MS = 60_000
 
 # Consumer groups on the outbox stream (`Keys.outbox`): each group sees every entry once.
-AUDIT_GROUP = "audit"  # copies events into PostgreSQL (actors/audit.py)
-PUSH_GROUP = "push"  # turns events into FCM notifications (actors/push.py)
+AUDIT_GROUP = "audit"  # copies events into PostgreSQL (actors/outbox/audit.py)
+PUSH_GROUP = "push"  # turns events into FCM notifications (actors/outbox/push.py)
 
 
 class Keys:

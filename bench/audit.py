@@ -21,10 +21,10 @@ import anyio
 import asyncpg
 import redis.asyncio as aioredis
 
-from actors.audit import AuditWorker, prepare_connection, write_batch
-from actors.consumer import decode_entry
 from actors.keys import Keys
-from actors.migrations import migrate
+from actors.outbox.audit import AuditWorker, prepare_connection, write_batch
+from actors.outbox.consumer import decode_entry
+from actors.outbox.migrations import migrate
 from kairos import rules, wire
 from kairos.commands import Create, ParticipantSpec, Start, Switch
 

@@ -20,8 +20,8 @@ import structlog
 from quart import Quart, Response
 from quart_schema import QuartSchema
 
-from actors.audit import AuditServices
 from actors.fanout import FanOut
+from actors.outbox.audit import AuditServices
 from web import errors as web_errors
 from web import metrics
 from web.auth import Authenticator

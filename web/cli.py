@@ -159,7 +159,7 @@ def drain(settings: Settings, url: str | None, token: str | None) -> int:
 
 def migrate(settings: Settings) -> None:
     """Apply audit migrations (embedded PostgreSQL when KAIROS_DATABASE_URL is unset)."""
-    from actors.migrations import migrate as run_migrations
+    from actors.outbox.migrations import migrate as run_migrations
     from web import embedded
 
     with embedded.servers(settings.model_copy(update={"redis_url": settings.redis_url or "unused"})) as s:

@@ -10,7 +10,7 @@ import sys
 import anyio
 import redis.asyncio as aioredis
 
-from actors.audit import AuditServices
+from actors.outbox.audit import AuditServices
 
 
 async def main(redis_url: str, key_prefix: str, database_url: str, consumer: str) -> None:

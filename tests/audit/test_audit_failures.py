@@ -17,9 +17,9 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.exceptions import ResponseError
 
-from actors.audit import AuditServices
 from actors.keys import AUDIT_GROUP
-from actors.migrations import migrate
+from actors.outbox.audit import AuditServices
+from actors.outbox.migrations import migrate
 from tests.audit.audit_messages import Lifecycle
 from tests.audit.conftest import append, eventually, fetch, start_pgserver
 

@@ -7,9 +7,9 @@ import uuid
 import asyncpg
 import pytest
 
-from actors.audit import AuditServices
 from actors.keys import AUDIT_GROUP, Keys
-from actors.migrations import applied, available, migrate
+from actors.outbox.audit import AuditServices
+from actors.outbox.migrations import applied, available, migrate
 from kairos.errors import Unavailable
 from tests.audit.audit_messages import LIFECYCLE_TYPES, Lifecycle
 from tests.audit.conftest import append, eventually, fetch

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.consumer import OutboxConsumer
 from actors.keys import AUDIT_GROUP, PUSH_GROUP
+from actors.outbox.consumer import OutboxConsumer
 from tests.audit.audit_messages import Lifecycle
 from tests.audit.conftest import append, eventually
 

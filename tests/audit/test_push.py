@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from actors.audit import AuditServices
-from actors.push import notices_for
+from actors.outbox.audit import AuditServices
+from actors.outbox.push import notices_for
 from kairos import rules, wire
 from kairos.commands import Create, ParticipantSpec, Start, Tick
 from tests.audit.audit_messages import Lifecycle

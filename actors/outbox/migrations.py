@@ -1,4 +1,4 @@
-"""Versioned SQL migrations for the audit database (`actors/sql/NNNN_name.sql`, applied in order).
+"""Versioned SQL migrations for the audit database (`actors/outbox/sql/NNNN_name.sql`, applied in order).
 
 Each file runs once, in its own transaction, and is recorded in `schema_migrations`. Migrations
 only ever add: a file that has been applied is never edited or dropped, and no migration drops data.
@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 def available() -> list[tuple[str, str]]:
     """(version, sql) of every migration shipped in the package, in version order."""
-    folder = resources.files("actors") / "sql"
+    folder = resources.files("actors.outbox") / "sql"
     files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
     return [(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
 

@@ -24,9 +24,9 @@ import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
-from actors import migrations
-from actors.consumer import Backoff, Entry, Lag, OutboxConsumer
 from actors.keys import AUDIT_GROUP, PUSH_GROUP, Keys
+from actors.outbox import migrations
+from actors.outbox.consumer import Backoff, Entry, Lag, OutboxConsumer
 from kairos.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -364,12 +364,12 @@ class AuditServices:
             claim_idle_ms=claim_idle_ms, backoff_cap_s=backoff_cap_s,
         )
         self.push_claim_idle_ms = push_claim_idle_ms
-        self.push: Any = None  # actors.push.PushWorker when push is on
+        self.push: Any = None  # actors.outbox.push.PushWorker when push is on
         self._pool: asyncpg.Pool | None = None
         self._stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> AuditServices:
-        from actors.push import Devices, PushWorker
+        from actors.outbox.push import Devices, PushWorker
 
         stack = AsyncExitStack()
         await stack.__aenter__()

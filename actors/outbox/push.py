@@ -23,8 +23,8 @@ from firebase_admin import credentials, exceptions, messaging
 from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
-from actors.consumer import Backoff, Entry, OutboxConsumer
 from actors.keys import PUSH_GROUP, Keys
+from actors.outbox.consumer import Backoff, Entry, OutboxConsumer
 from kairos import events as ev
 
 log = logging.getLogger(__name__)
