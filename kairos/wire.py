@@ -51,6 +51,12 @@ def _iso_or_none(epoch_ms: int | None) -> str | None:
     return None if epoch_ms is None else iso_ms(epoch_ms)
 
 
+def _turn_start(s: Session) -> str | None:
+    # SyncKairos clears cycle_started_at on pause and at the end; clients that tick from it would
+    # otherwise show a running clock on a paused or finished session.
+    return _iso_or_none(s.cycle_started_at_ms) if s.status is Status.RUNNING else None
+
+
 def _participants_json(state: Session, now_ms: int) -> list[dict[str, Any]]:
     remaining = live_remaining(state, now_ms)
     active = state.active_index
@@ -85,7 +91,7 @@ def session_json(state: Session, now_ms: int) -> dict[str, Any]:
         "active_participant_id": None if active is None else active.participant_id,
         "total_time_ms": s.total_time_ms,
         "time_per_cycle_ms": s.time_per_cycle_ms,
-        "cycle_started_at": _iso_or_none(s.cycle_started_at_ms),
+        "cycle_started_at": _turn_start(s),
         "session_started_at": _iso_or_none(s.session_started_at_ms),
         "session_completed_at": _iso_or_none(s.session_completed_at_ms),
         "increment_ms": s.increment_ms,
@@ -111,7 +117,7 @@ def switch_result_json(state: Session, now_ms: int, expired_participant_id: str 
     d: dict[str, Any] = {
         "session_id": state.session_id,
         "active_participant_id": None if active is None else active.participant_id,
-        "cycle_started_at": _iso_or_none(state.cycle_started_at_ms),
+        "cycle_started_at": _turn_start(state),
         "participants": _participants_json(state, now_ms),
         "status": state.status.value,
     }
