@@ -54,6 +54,13 @@ class InvalidStateTransition(KairosError):
     status = 400
 
 
+class UnknownCommand(KairosError):
+    """A WebSocket command frame of a type the server does not know."""
+
+    code = "UNKNOWN_COMMAND"
+    status = 400
+
+
 class Unauthorized(KairosError):
     code = "UNAUTHORIZED"
     status = 401
@@ -122,6 +129,7 @@ _BY_CODE: dict[str, type[KairosError]] = {
     for c in (
         ValidationError,
         InvalidStateTransition,
+        UnknownCommand,
         Unauthorized,
         Forbidden,
         SessionNotFound,

@@ -20,7 +20,7 @@ from quart import Quart, websocket
 
 from kairos import commands as C
 from kairos import wire
-from kairos.errors import KairosError, SessionNotFound, ValidationError
+from kairos.errors import KairosError, SessionNotFound, UnknownCommand, ValidationError
 from web import auth as A
 from web import errors as W
 from web import metrics
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("kairos.ws")
 
 _UUID = re.compile(UUID_PATTERN)
-_COMMANDS = {"SWITCH", "PAUSE", "RESUME", "START", "COMPLETE"}
+_COMMANDS = {"SWITCH", "PAUSE", "RESUME", "START", "COMPLETE", "CANCEL"}
 _FREEZE_EVERY = 1000  # socket joins between two gc.freeze() calls
 
 
@@ -66,6 +66,30 @@ class Socket:
         if not flush:
             self.flushed.set()
         self.closing.set()
+
+
+class GatedSocket(Socket):
+    """A socket opened before its session existed: its frames flow once the first state shows
+    that the caller may read the session; otherwise it is closed with 1008 "Forbidden"."""
+
+    def __init__(self, queue_size: int, caller: A.Caller) -> None:
+        super().__init__(queue_size)
+        self.caller = caller
+        self.allowed = False
+
+    def push(self, frame: str) -> bool:
+        """Queue a frame once the caller is known to be allowed to read the session."""
+        if not self.allowed:
+            state = json.loads(frame).get("state")
+            if state is None:
+                return True  # nothing to judge by yet (and nothing worth showing)
+            try:
+                A.require_read(self.caller, wire.session_from_json(state))
+            except KairosError:
+                self.close(1008, "Forbidden", flush=False)
+                return False
+            self.allowed = True
+        return super().push(frame)
 
 
 class Relay:
@@ -201,15 +225,17 @@ def register_ws(app: Quart, svc: Services) -> None:
         except KairosError:
             await websocket.close(1008, "Rate limit exceeded")
             return
+        gated = False
         try:
             A.require_read(caller, await svc.host.get(sid))
         except SessionNotFound:
-            await websocket.close(1008, "Session not found")
-            return
+            # Clients may subscribe before they create (SyncKairos v2): wait for the session.
+            gated = not caller.is_admin
         except KairosError:
             await websocket.close(1008, "Forbidden")
             return
-        sock = Socket(svc.settings.ws_send_queue)
+        queue = svc.settings.ws_send_queue
+        sock = GatedSocket(queue, caller) if gated else Socket(queue)
         metrics.WS_CONNECTIONS.inc()
         structlog.contextvars.bind_contextvars(session_id=sid)
         try:
@@ -267,6 +293,10 @@ async def _receiver(svc: Services, sid: str, caller: A.Caller, sock: Socket) -> 
                 await _state_sync(svc, sid, caller)
             elif kind in _COMMANDS:
                 await websocket.send(await _command(svc, sid, caller, kind, msg))
+            elif (request_id := _request_id(msg)) is not None:
+                # A command the server does not know is answered; a frame without an id is not.
+                err = UnknownCommand(f"Unknown command type {str(kind)[:64]!r}")
+                await websocket.send(W.ws_error_frame(err, request_id))
     finally:
         sock.close(1000, "", flush=False)
 
@@ -283,10 +313,15 @@ async def _state_sync(svc: Services, sid: str, caller: A.Caller) -> None:
                                  "state": wire.session_json(state, now)}))
 
 
+def _request_id(msg: dict[str, Any]) -> str | None:
+    """The frame's `request_id` when it is a usable one (a string of at most 128 characters)."""
+    request_id = msg.get("request_id")
+    return request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+
+
 async def _command(svc: Services, sid: str, caller: A.Caller, kind: str, msg: dict[str, Any]) -> str:
     """Run one socket command with REST's rules; returns the ACK or ERROR frame."""
-    request_id = msg.get("request_id")
-    request_id = request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+    request_id = _request_id(msg)
     try:
         svc.limiter.hit(caller.sub if svc.auth.enabled else _peer(svc))
         state = None if caller.is_admin else await svc.host.get(sid)
@@ -305,7 +340,7 @@ async def _command(svc: Services, sid: str, caller: A.Caller, kind: str, msg: di
             if state is not None:
                 A.require_manage(caller, state)
             cmd = {"PAUSE": C.Pause, "RESUME": C.Resume, "START": C.Start,
-                   "COMPLETE": C.Complete}[kind](command_id=request_id)
+                   "COMPLETE": C.Complete, "CANCEL": C.Cancel}[kind](command_id=request_id)
         t0 = time.perf_counter()
         reply = await svc.host.ask(sid, cmd)
         metrics.observe_command(svc.host, sid, kind.lower(), time.perf_counter() - t0)
