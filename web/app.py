@@ -26,6 +26,7 @@ from web import errors as web_errors
 from web import metrics
 from web.auth import Authenticator
 from web.limits import ClientAddress, GeneralLimiter
+from web.openapi import API_VERSION, KairosOpenAPI
 from web.settings import Settings
 
 if TYPE_CHECKING:
@@ -94,11 +95,12 @@ def create_app(settings: Settings) -> Quart:
     app.config["QUART_SCHEMA_CONVERT_CASING"] = False
     QuartSchema(
         app,
+        openapi_provider_class=KairosOpenAPI,
         openapi_path="/api-docs.json",
         swagger_ui_path="/api-docs",
         redoc_ui_path=None,
         scalar_ui_path=None,
-        info={"title": "Kairos", "version": "0.1.0",
+        info={"title": "Kairos", "version": API_VERSION,
               "description": "Timers in sync across devices; SyncKairos v2 compatible."},
         security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
         security=[{"bearer": []}],

@@ -10,6 +10,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -25,19 +26,21 @@ from web import auth as A
 from web import errors as W
 from web import metrics
 from web import schemas as S
+from web.openapi import API_VERSION, documented
 
 if TYPE_CHECKING:
     from web.app import Services
 
 log = structlog.get_logger("kairos.http")
 
-SERVER_VERSION = "kairos-0.1.0"
+IMPLEMENTATION = f"kairos-{version('kairos')}"
 M = TypeVar("M", bound=BaseModel)
 
 _UUID = re.compile(S.UUID_PATTERN)
 _JSON = "application/json"
 _NO_SWITCH_ARGS = S.SwitchBody()  # the common bodiless switch skips validation
 _NO_ACCESS_LOG = frozenset({"/health", "/ready", "/metrics"})
+_LIFECYCLE_ERRORS = (400, 401, 403, 404, 413, 429, 503)
 _ACCESS_LOG = "KAIROS_ACCESS_LOG"  # app.config flag: log every request (INFO or DEBUG level)
 
 bp = Blueprint("kairos", __name__)
@@ -55,9 +58,10 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def session_id_param(raw: str) -> str:
-    """Validate the `{id}` path segment before any lookup; returns it in canonical lower case."""
+    """Validate the `{session_id}` path segment before any lookup; returns it in lower case."""
     if not _UUID.match(raw):
-        raise W.validation_error([{"field": "id", "message": "must be a UUID", "code": "invalid_uuid"}])
+        raise W.validation_error(
+            [{"field": "session_id", "message": "must be a UUID", "code": "invalid_uuid"}])
     return raw.lower()
 
 
@@ -159,6 +163,7 @@ async def load(sid: str) -> Any:
 
 @bp.get("/health")
 @tag(["ops"])
+@documented(open_route=True)
 @document_response(S.StatusOut)
 async def health() -> Response:
     """Alive."""
@@ -167,6 +172,7 @@ async def health() -> Response:
 
 @bp.get("/ready")
 @tag(["ops"])
+@documented(open_route=True)
 @document_response(S.StatusOut, 200)
 @document_response(S.StatusOut, 503)
 async def ready() -> Response:
@@ -187,6 +193,7 @@ async def ready() -> Response:
 
 @bp.get("/metrics")
 @tag(["ops"])
+@documented(open_route=True, success=(200, "Prometheus text exposition format 0.0.4."))
 async def metrics_route() -> Response:
     """Prometheus text exposition."""
     body, ctype = metrics.exposition()
@@ -196,6 +203,7 @@ async def metrics_route() -> Response:
 @bp.get("/v1/time")
 @tag(["time"])
 @document_response(S.TimeOut)
+@documented(429, open_route=True)
 async def server_time() -> Response:
     """Server clock for sync: four-timestamp fields `server_receive_ms`/`server_send_ms`."""
     svc = services()
@@ -206,7 +214,7 @@ async def server_time() -> Response:
         request._kairos_quota = quota  # type: ignore[attr-defined]
     now = clock()
     return json_response(
-        {"timestamp_ms": now, "server_version": SERVER_VERSION,
+        {"timestamp_ms": now, "server_version": API_VERSION, "implementation": IMPLEMENTATION,
          "drift_tolerance_ms": 50, "server_receive_ms": received, "server_send_ms": clock()},
     )
 
@@ -218,7 +226,7 @@ async def server_time() -> Response:
 @tag(["sessions"])
 @document_request(S.CreateSession)
 @document_response(S.SessionEnvelope, 201)
-@document_response(S.ErrorOut, 409)
+@documented(400, 401, 409, 413, 429, 503, idempotent=True)
 async def create_session() -> Response:
     """Create a session; the caller (`sub`) becomes its owner."""
     caller = authenticate()
@@ -250,22 +258,23 @@ async def create_session() -> Response:
     return json_response({"data": wire.session_json(reply.state, reply.now_ms)}, 201)
 
 
-@bp.get("/v1/sessions/<raw_id>")
+@bp.get("/v1/sessions/<session_id>")
 @tag(["sessions"])
 @document_response(S.SessionEnvelope)
-async def get_session(raw_id: str) -> Response:
+@documented(400, 401, 403, 404, 429, 503)
+async def get_session(session_id: str) -> Response:
     """The session with live times as of `server_time_ms`."""
     caller = authenticate()
-    sid = session_id_param(raw_id)
+    sid = session_id_param(session_id)
     state = await load(sid)
     A.require_read(caller, state)
     return json_response({"data": wire.session_json(state, services().clock())})
 
 
-async def lifecycle(raw_id: str, name: str, make: Callable[[str | None], Any]) -> Response:
+async def lifecycle(session_id: str, name: str, make: Callable[[str | None], Any]) -> Response:
     """A bodiless lifecycle command (start/pause/...) by the owner or an admin."""
     caller = authenticate()
-    sid = session_id_param(raw_id)
+    sid = session_id_param(session_id)
     key = idempotency_key()
     await optional_body()  # read and ignored: these commands take no arguments
     cmd = make(key)
@@ -275,48 +284,60 @@ async def lifecycle(raw_id: str, name: str, make: Callable[[str | None], Any]) -
     return json_response({"data": wire.session_json(reply.state, reply.now_ms)})
 
 
-@bp.post("/v1/sessions/<raw_id>/start")
+@bp.post("/v1/sessions/<session_id>/start")
 @tag(["sessions"])
 @document_response(S.SessionEnvelope)
-async def start_session(raw_id: str) -> Response:
+@documented(*_LIFECYCLE_ERRORS, idempotent=True)
+async def start_session(session_id: str) -> Response:
     """Start the session (owner or admin)."""
-    return await lifecycle(raw_id, "start", lambda k: C.Start(command_id=k))
+    return await lifecycle(session_id, "start", lambda k: C.Start(command_id=k))
 
 
-@bp.post("/v1/sessions/<raw_id>/pause")
+@bp.post("/v1/sessions/<session_id>/pause")
 @tag(["sessions"])
 @document_response(S.SessionEnvelope)
-async def pause_session(raw_id: str) -> Response:
+@documented(*_LIFECYCLE_ERRORS, idempotent=True)
+async def pause_session(session_id: str) -> Response:
     """Pause the session (owner or admin)."""
-    return await lifecycle(raw_id, "pause", lambda k: C.Pause(command_id=k))
+    return await lifecycle(session_id, "pause", lambda k: C.Pause(command_id=k))
 
 
-@bp.post("/v1/sessions/<raw_id>/resume")
+@bp.post("/v1/sessions/<session_id>/resume")
 @tag(["sessions"])
 @document_response(S.SessionEnvelope)
-async def resume_session(raw_id: str) -> Response:
+@documented(*_LIFECYCLE_ERRORS, idempotent=True)
+async def resume_session(session_id: str) -> Response:
     """Resume the session (owner or admin)."""
-    return await lifecycle(raw_id, "resume", lambda k: C.Resume(command_id=k))
+    return await lifecycle(session_id, "resume", lambda k: C.Resume(command_id=k))
 
 
-@bp.post("/v1/sessions/<raw_id>/complete")
+@bp.post("/v1/sessions/<session_id>/complete")
 @tag(["sessions"])
 @document_response(S.SessionEnvelope)
-async def complete_session(raw_id: str) -> Response:
+@documented(*_LIFECYCLE_ERRORS, idempotent=True)
+async def complete_session(session_id: str) -> Response:
     """Complete the session (owner or admin)."""
-    return await lifecycle(raw_id, "complete", lambda k: C.Complete(command_id=k))
+    return await lifecycle(session_id, "complete", lambda k: C.Complete(command_id=k))
 
 
-@bp.post("/v1/sessions/<raw_id>/switch")
+@bp.post("/v1/sessions/<session_id>/cancel")
+@tag(["sessions"])
+@document_response(S.SessionEnvelope)
+@documented(*_LIFECYCLE_ERRORS, idempotent=True)
+async def cancel_session(session_id: str) -> Response:
+    """Cancel the session (owner or admin): from pending, running or paused."""
+    return await lifecycle(session_id, "cancel", lambda k: C.Cancel(command_id=k))
+
+
+@bp.post("/v1/sessions/<session_id>/switch")
 @tag(["sessions"])
 @document_request(S.SwitchBody)
 @document_response(S.SwitchEnvelope)
-@document_response(S.ErrorOut, 409)
-@document_response(S.ErrorOut, 429)
-async def switch_session(raw_id: str) -> Response:
+@documented(*_LIFECYCLE_ERRORS, 409, idempotent=True)
+async def switch_session(session_id: str) -> Response:
     """End the active turn; owner, admin or the active participant. Body optional."""
     caller = authenticate()
-    sid = session_id_param(raw_id)
+    sid = session_id_param(session_id)
     key = idempotency_key()
     raw = await optional_body()
     body = validated(S.SwitchBody, raw) if raw else _NO_SWITCH_ARGS
@@ -332,12 +353,14 @@ async def switch_session(raw_id: str) -> Response:
     return json_response({"data": data})
 
 
-@bp.delete("/v1/sessions/<raw_id>")
+@bp.delete("/v1/sessions/<session_id>")
 @tag(["sessions"])
-async def delete_session(raw_id: str) -> Response:
+@documented(400, 401, 403, 429, 503, idempotent=True,
+            success=(204, "Deleted (also when no such session existed)."))
+async def delete_session(session_id: str) -> Response:
     """Delete (204, also for an unknown id: idempotent). Owner or admin."""
     caller = authenticate()
-    sid = session_id_param(raw_id)
+    sid = session_id_param(session_id)
     key = idempotency_key()
     try:
         if not caller.is_admin:
@@ -348,14 +371,15 @@ async def delete_session(raw_id: str) -> Response:
     return Response(b"", status=204)
 
 
-@bp.get("/v1/sessions/<raw_id>/events")
+@bp.get("/v1/sessions/<session_id>/events")
 @tag(["sessions"])
 @document_querystring(S.EventsQuery)
 @document_response(S.EventsEnvelope)
-async def session_events(raw_id: str) -> Response:
+@documented(400, 401, 403, 404, 429, 503)
+async def session_events(session_id: str) -> Response:
     """Audit history, oldest first; page with `?after_version=`."""
     caller = authenticate()
-    sid = session_id_param(raw_id)
+    sid = session_id_param(session_id)
     q = validated(S.EventsQuery, dict(request.args))
     state = await load(sid)
     A.require_read(caller, state)
@@ -371,6 +395,7 @@ async def session_events(raw_id: str) -> Response:
 @tag(["devices"])
 @document_request(S.DeviceIn)
 @document_response(S.DeviceEnvelope, 201)
+@documented(400, 401, 413, 429, 503)
 async def register_device() -> Response:
     """Register a push token for the caller."""
     caller = authenticate()
@@ -384,6 +409,7 @@ async def register_device() -> Response:
 
 @bp.delete("/v1/devices/<path:token>")
 @tag(["devices"])
+@documented(401, 429, 503, success=(204, "Forgotten (also when the token was unknown)."))
 async def delete_device(token: str) -> Response:
     """Forget a push token of the caller (204 even if unknown)."""
     caller = authenticate()
@@ -398,6 +424,8 @@ async def delete_device(token: str) -> Response:
 
 @bp.post("/admin/drain")
 @tag(["admin"])
+@document_response(S.DrainEnvelope, 202)
+@documented(401, 403, 429)
 async def admin_drain() -> Response:
     """Drain this instance (admin): hand off leases, close sockets with 1012."""
     caller = authenticate()
@@ -411,6 +439,7 @@ async def admin_drain() -> Response:
 @bp.get("/admin/instances")
 @tag(["admin"])
 @document_response(S.InstancesEnvelope)
+@documented(401, 403, 429, 503)
 async def admin_instances() -> Response:
     """Live instances with actor counts and draining flags (admin)."""
     caller = authenticate()
@@ -418,14 +447,16 @@ async def admin_instances() -> Response:
     return json_response({"data": await services().host.instances()})
 
 
-@bp.get("/admin/sessions/<raw_id>/owner")
+@bp.get("/admin/sessions/<session_id>/owner")
 @tag(["admin"])
-async def admin_session_owner(raw_id: str) -> Response:
+@document_response(S.OwnerEnvelope)
+@documented(400, 401, 403, 429, 503)
+async def admin_session_owner(session_id: str) -> Response:
     """Who holds the session's lease: instance_id, incarnation, epoch, alive (admin). All null
     while nobody does (never activated, passivated, or released)."""
     caller = authenticate()
     A.require_admin(caller)
-    sid = session_id_param(raw_id)
+    sid = session_id_param(session_id)
     owner = await services().host.owner(sid) or {
         "incarnation": None, "epoch": None, "alive": False, "instance_id": None}
     return json_response({"data": {"session_id": sid, **owner}})
@@ -440,7 +471,7 @@ async def bind_ids() -> None:
     req = request._get_current_object()  # one proxy lookup instead of one per attribute
     structlog.contextvars.clear_contextvars()
     rid = req.headers.get("X-Request-Id") or f"{time.monotonic_ns():x}"
-    sid = (req.view_args or {}).get("raw_id")
+    sid = (req.view_args or {}).get("session_id")
     if sid is not None:
         structlog.contextvars.bind_contextvars(request_id=rid[:64], session_id=sid[:64])
     else:

@@ -51,7 +51,7 @@ class CreateSession(_Body):
     increment_ms: Annotated[StrictInt, Field(ge=0, le=60_000)] = 0
     max_time_ms: Duration | None = None
     expiry_policy: Literal["end_session", "skip_participant", "auto_advance"] | None = None
-    time_warning_ms: Annotated[StrictInt, Field(ge=0)] | None = None
+    time_warning_ms: Annotated[StrictInt, Field(ge=0, le=86_400_000)] | None = None
     visibility: Literal["private", "public"] = "private"
     metadata: dict[str, Any] | None = None
 
@@ -128,7 +128,7 @@ class SessionOut(BaseModel):
     created_at: str
     updated_at: str
     server_time_ms: int
-    expiry_policy: str
+    expiry_policy: Literal["end_session", "skip_participant", "auto_advance"]
     time_warning_ms: int | None = Field(None, description="omitted if unset")
     visibility: Literal["private", "public"]
     metadata: dict[str, Any] | None = Field(None, description="omitted if unset")
@@ -191,7 +191,8 @@ class StatusOut(BaseModel):
 class TimeOut(BaseModel):
     """Unwrapped /v1/time body (four-timestamp sync fields are new)."""
     timestamp_ms: int
-    server_version: str
+    server_version: str = Field(description="the API version clients code against (2.0.0)")
+    implementation: str = Field(description="server software and version, e.g. kairos-0.2.0")
     drift_tolerance_ms: int
     server_receive_ms: int
     server_send_ms: int
@@ -215,3 +216,28 @@ class ErrorInner(BaseModel):
 class ErrorOut(BaseModel):
     """Every error body: `{"error": {...}}`, never with `data`."""
     error: ErrorInner
+
+
+class DrainOut(BaseModel):
+    """POST /admin/drain answer: the instance now draining."""
+    status: Literal["draining"]
+    instance_id: str
+
+
+class DrainEnvelope(BaseModel):
+    """`{"data": {"status": "draining", "instance_id": ...}}`."""
+    data: DrainOut
+
+
+class OwnerOut(BaseModel):
+    """Who holds a session's lease; all null (alive false) while nobody does."""
+    session_id: str
+    instance_id: str | None
+    incarnation: int | None
+    epoch: int | None
+    alive: bool
+
+
+class OwnerEnvelope(BaseModel):
+    """`{"data": Owner}`."""
+    data: OwnerOut

@@ -55,7 +55,8 @@ def test_health_ready_metrics_and_time(http: httpx.Client) -> None:
     m = http.get("/metrics")
     assert m.status_code == 200 and "kairos_http_requests_total" in m.text
     t = httpx.get(f"{http.base_url}/v1/time").json()
-    assert t["drift_tolerance_ms"] == 50 and isinstance(t["server_version"], str)
+    assert t["drift_tolerance_ms"] == 50 and t["server_version"] == "2.0.0"
+    assert t["implementation"].startswith("kairos-")
     assert t["server_receive_ms"] <= t["server_send_ms"]
     assert abs(t["timestamp_ms"] - t["server_send_ms"]) < 1000
 
@@ -63,7 +64,7 @@ def test_health_ready_metrics_and_time(http: httpx.Client) -> None:
 def test_openapi_document_and_docs_page(http: httpx.Client) -> None:
     doc = http.get("/api-docs.json").json()
     assert doc["openapi"].startswith("3")
-    assert {"/v1/sessions", "/v1/sessions/{raw_id}/switch", "/v1/devices"} <= set(doc["paths"])
+    assert {"/v1/sessions", "/v1/sessions/{session_id}/switch", "/v1/devices"} <= set(doc["paths"])
     page = http.get("/api-docs")
     assert page.status_code == 200 and "html" in page.headers["content-type"]
 
@@ -180,7 +181,7 @@ def test_get_reports_live_remaining_time(http: httpx.Client) -> None:
 
 def test_get_bad_id_is_400_and_unknown_is_404(http: httpx.Client) -> None:
     err = assert_error(http.get("/v1/sessions/not-a-uuid"), 400, "VALIDATION_ERROR")
-    assert err["details"][0]["field"] == "id"
+    assert err["details"][0]["field"] == "session_id"
     nil = "00000000-0000-0000-0000-000000000000"
     err = assert_error(http.get(f"/v1/sessions/{nil}"), 404, "SESSION_NOT_FOUND")
     assert err["message"] == f"Session {nil} not found"
@@ -198,10 +199,13 @@ def test_start_pause_resume_complete_and_invalid_transitions(http: httpx.Client)
     assert r.status_code == 200 and r.json()["data"]["status"] == "running"
     assert r.json()["data"]["participants"][0]["is_active"] is True
     assert_error(http.post(f"/v1/sessions/{sid}/start"), 400, "INVALID_STATE_TRANSITION")
-    assert http.post(f"/v1/sessions/{sid}/pause").json()["data"]["status"] == "paused"
-    assert http.post(f"/v1/sessions/{sid}/resume").json()["data"]["status"] == "running"
+    paused = http.post(f"/v1/sessions/{sid}/pause").json()["data"]
+    assert paused["status"] == "paused" and paused["cycle_started_at"] is None  # as SyncKairos
+    running = http.post(f"/v1/sessions/{sid}/resume").json()["data"]
+    assert running["status"] == "running" and ISO.match(running["cycle_started_at"])
     done = http.post(f"/v1/sessions/{sid}/complete").json()["data"]
     assert done["status"] == "completed" and ISO.match(done["session_completed_at"])
+    assert done["cycle_started_at"] is None
     assert done["version"] == 5
     assert_error(http.post(f"/v1/sessions/{sid}/complete"), 400, "INVALID_STATE_TRANSITION")
     assert_error(http.post(f"/v1/sessions/{new_id()}/start"), 404, "SESSION_NOT_FOUND")
@@ -211,6 +215,25 @@ def test_start_pause_resume_complete_and_invalid_transitions(http: httpx.Client)
 def test_complete_from_pending_is_allowed(http: httpx.Client) -> None:
     s = create(http)
     assert http.post(f"/v1/sessions/{s['session_id']}/complete").json()["data"]["status"] == "completed"
+
+
+def test_cancel_from_pending_running_or_paused_only(http: httpx.Client, server: KairosServer) -> None:
+    for before in ([], ["start"], ["start", "pause"]):
+        sid = create(http)["session_id"]
+        for action in before:
+            assert http.post(f"/v1/sessions/{sid}/{action}").status_code == 200
+        r = http.post(f"/v1/sessions/{sid}/cancel", headers={"Idempotency-Key": f"c-{sid}"})
+        assert r.status_code == 200, r.text
+        d = r.json()["data"]
+        assert d["status"] == "cancelled" and d["cycle_started_at"] is None
+        assert ISO.match(d["session_completed_at"])
+        again = http.post(f"/v1/sessions/{sid}/cancel", headers={"Idempotency-Key": f"c-{sid}"})
+        assert again.json()["data"]["version"] == d["version"]  # the retry did not apply twice
+        assert_error(http.post(f"/v1/sessions/{sid}/cancel"), 400, "INVALID_STATE_TRANSITION")
+    sid = create(http)["session_id"]
+    other = bearer(server.token("someone-else"))
+    assert_error(http.post(f"/v1/sessions/{sid}/cancel", headers=other), 403, "FORBIDDEN")
+    assert_error(http.post(f"/v1/sessions/{new_id()}/cancel"), 404, "SESSION_NOT_FOUND")
 
 
 # ---------------- switch ----------------
