@@ -22,9 +22,11 @@ from quart_schema import QuartSchema
 
 from actors.fanout import FanOut
 from actors.outbox.audit import AuditServices
+from web import cors as web_cors
 from web import errors as web_errors
 from web import metrics
 from web.auth import Authenticator
+from web.cors import Cors
 from web.limits import ClientAddress, GeneralLimiter
 from web.openapi import API_VERSION, KairosOpenAPI
 from web.settings import Settings
@@ -55,6 +57,7 @@ class Services:
     audit: AuditServices | None = None  # None only when no database is configured
     redis: aioredis.Redis | None = None
     relays: Relays | None = None
+    cors: Cors = field(default_factory=lambda: Cors([]))
     draining: bool = False
     task_group: anyio.abc.TaskGroup | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -88,6 +91,7 @@ def create_app(settings: Settings) -> Quart:
         limiter=GeneralLimiter(settings.rate_limit_general, time.time),
         addresses=ClientAddress(settings.trusted_proxies),
         instance_id=instance_id,
+        cors=Cors(settings.cors_origins),
     )
     svc.relays = Relays(svc)
     app = Quart("kairos")
@@ -108,6 +112,7 @@ def create_app(settings: Settings) -> Quart:
     _skip_schema_conversion_for_responses(app)
     app.extensions["kairos"] = svc
     web_errors.install(app)
+    web_cors.install(app, svc.cors)
     register_routes(app)
     register_ws(app, svc)
 

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     rate_limit_general: int = Field(100, ge=0)  # requests per caller per minute; 0 = off
     rate_limit_switch: int = Field(10, ge=0)  # switches per session per second; 0 = off
     trusted_proxies: Annotated[list[str], NoDecode] = []  # CIDRs whose X-Forwarded-For we believe
+    cors_origins: Annotated[list[str], NoDecode] = []  # browser origins allowed in; "*" = any
+    cors_allow_any_with_auth: bool = False  # "*" with authentication on must be asked for
 
     fcm_credentials: str | None = None
     fcm_endpoint: str | None = None
@@ -54,7 +56,7 @@ class Settings(BaseSettings):
     ws_send_queue: int = Field(256, ge=1)  # frames buffered per socket before we drop it
     workers: int = Field(1, ge=1)
 
-    @field_validator("jwt_algorithms", "trusted_proxies", mode="before")
+    @field_validator("jwt_algorithms", "trusted_proxies", "cors_origins", mode="before")
     @classmethod
     def _split_csv(cls, v: object) -> object:
         if isinstance(v, str):
@@ -79,6 +81,9 @@ class Settings(BaseSettings):
                 raise ValueError("with KAIROS_JWT_PUBLIC_KEY only RS*/ES*/PS* algorithms are allowed")
         elif not algs <= _HMAC_ALGS:
             raise ValueError("with KAIROS_JWT_SECRET only HS* algorithms are allowed")
+        if "*" in self.cors_origins and self.auth_enabled and not self.cors_allow_any_with_auth:
+            raise ValueError("KAIROS_CORS_ORIGINS='*' with authentication on also needs "
+                             "KAIROS_CORS_ALLOW_ANY_WITH_AUTH=true")
         return self
 
     @property

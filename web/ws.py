@@ -210,6 +210,10 @@ def register_ws(app: Quart, svc: Services) -> None:
             await websocket.close(1008, "Invalid sessionId format")
             return
         sid = sid_raw.lower()
+        origin = websocket.headers.get("Origin")
+        if origin is not None and not svc.cors.allows(origin, websocket.host):
+            await websocket.close(1008, "Origin not allowed")
+            return
         try:
             caller = svc.auth.caller(websocket.headers.get("Authorization"),
                                      websocket.args.get("token") or None)
