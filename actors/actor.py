@@ -67,7 +67,7 @@ class Store(Protocol):
 
     async def write(
         self, lease: Lease, session_id: str, checkpoint: bytes, message: bytes, deadline_ms: int | None,
-        reply: tuple[str, bytes] | None = None,
+        reply: tuple[str, bytes] | None = None, *, version: int | None = None,
     ) -> int: ...
 
     async def delete(self, lease: Lease, session_id: str, message: bytes) -> int: ...
@@ -382,7 +382,8 @@ class Actor:
         if reply_to is not None:
             answer = reply_to(reply, checkpoint)
             reply.published = answer[1]
-        code = await self.rt.store.write(self.lease, self.session_id, checkpoint, message, deadline, answer)
+        code = await self.rt.store.write(self.lease, self.session_id, checkpoint, message, deadline, answer,
+                                         version=new.version)
         self._check(code)
         self.state = new
         self.deadline = deadline

@@ -128,6 +128,7 @@ class Host:
                     await self.membership.leave()
                 except Exception:
                     pass  # Redis gone: the liveness key expires by itself
+                await self.scripts.aclose()
         return None
 
     # --- public API ------------------------------------------------------------------------

@@ -17,6 +17,9 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import redis.asyncio as redis_asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
 
 if TYPE_CHECKING:
@@ -46,7 +49,8 @@ class Keys:
         return f"{self.prefix}s:{session_id}:cp"
 
     def lease(self, session_id: str) -> str:
-        """Hash {o: owner incarnation or "", e: epoch}."""
+        """Hash {o: owner incarnation or "", e: epoch, v: version last written under it (absent
+        when unknown), d: "1" once deleted (tombstone)}."""
         return f"{self.prefix}s:{session_id}:lease"
 
     def channel(self, session_id: str) -> str:
@@ -62,6 +66,11 @@ class Keys:
     def inbox(self, incarnation: str) -> str:
         """List of forwarded commands for the incarnation. Lua: PREFIX .. 'i:' .. inc .. ':inbox'."""
         return f"{self.prefix}i:{incarnation}:inbox"
+
+    def inbox_popped(self, incarnation: str) -> str:
+        """List: the entries of the incarnation's last inbox read, kept until its next read (so an
+        entry whose pop reply was lost is read again, not lost)."""
+        return f"{self.prefix}i:{incarnation}:popped"
 
     def reply_channel(self, incarnation: str) -> str:
         """Pub/sub channel on which owners answer forwarded commands."""
@@ -170,14 +179,28 @@ return {1, epoch, redis.call('GET', KEYS[3]), reason}
 # ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] checkpoint bytes, ARGV[4] TTL ms,
 # ARGV[5] update message bytes ("" = checkpoint only, e.g. a restored session), ARGV[6] channel,
 # ARGV[7] session id, ARGV[8] next deadline ms ("" = none: not running),
-# ARGV[9] reply channel, ARGV[10] answer bytes ("" = none) for a forwarded command's asker
-# Returns 1 written, 0 lease no longer mine (fenced), -1 my liveness key is gone.
+# ARGV[9] reply channel, ARGV[10] answer bytes ("" = none) for a forwarded command's asker,
+# ARGV[11] the checkpoint's version ("" = unknown: written without the version check)
+# Safe to send twice (a client retry after a lost reply): version v is written only over v - 1
+# (lease field `v`); a repeat of v is answered ALREADY_WRITTEN without a second XADD/PUBLISH.
+# Returns 1 written, 2 already written (this very write, repeated), 0 lease no longer mine or
+# version not next (fenced), -1 my liveness key is gone.
 FENCED_WRITE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
-local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
+local lease = redis.call('HMGET', KEYS[1], 'o', 'e', 'v')
 if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
+if ARGV[11] ~= '' and lease[3] then
+  local written, v = tonumber(lease[3]), tonumber(ARGV[11])
+  if written == v then return 2 end
+  if written ~= v - 1 then return 0 end
+end
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-redis.call('HDEL', KEYS[1], 'd')  -- re-created after a delete: no longer a tombstone
+if ARGV[11] ~= '' then
+  redis.call('HDEL', KEYS[1], 'd')  -- re-created after a delete: no longer a tombstone
+  redis.call('HSET', KEYS[1], 'v', ARGV[11])
+else
+  redis.call('HDEL', KEYS[1], 'd', 'v')
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[4], '*', 'm', ARGV[5])
@@ -193,6 +216,7 @@ if ARGV[10] ~= '' then
 end
 return 1
 """
+ALREADY_WRITTEN = 2  # FENCED_WRITE / FENCED_DELETE: a repeat of a write that already happened
 
 # --- fenced delete ------------------------------------------------------------------------------
 # KEYS as FENCED_WRITE.
@@ -200,13 +224,16 @@ return 1
 # ARGV[4] channel, ARGV[5] session id
 # Deletes the checkpoint, releases the lease (keeping its epoch) with a tombstone field `d` so an
 # audit snapshot taken before the deletion was audited cannot resurrect it, appends + publishes
-# the message, drops the deadline. Returns 1 / 0 fenced / -1 liveness gone.
+# the message, drops the deadline. Safe to send twice: the repeat finds the tombstone under my
+# epoch and answers 2. Returns 1 / 2 already deleted / 0 fenced / -1 liveness gone.
 FENCED_DELETE = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
-local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
+local lease = redis.call('HMGET', KEYS[1], 'o', 'e', 'd')
+if lease[1] == '' and lease[2] == ARGV[2] and lease[3] == '1' then return 2 end
 if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[1], 'o', '', 'd', '1')
+redis.call('HDEL', KEYS[1], 'v')
 redis.call('XADD', KEYS[4], '*', 'm', ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[3])
 redis.call('ZREM', KEYS[5], ARGV[5])
@@ -225,7 +252,8 @@ return 1
 """
 
 
-# Pool connections left for the long-lived readers (inbox BLPOP, reply pub/sub, renewal, spare).
+# Pool connections left for the long-lived readers (reply pub/sub, renewal, spare; the inbox reads
+# have a client of their own).
 _RESERVED_CONNECTIONS = 4
 
 
@@ -290,6 +318,21 @@ return 1
 """
 
 
+# --- pop forwarded commands (the inbox loop, when several are queued) ----------------------------
+# KEYS[1] my inbox, KEYS[2] my popped list (Keys.inbox_popped)
+# ARGV[1] how many at most, ARGV[2] TTL ms
+# Forgets the previous read's entries (the reader reads again only once it holds them), moves up
+# to ARGV[1] entries from the inbox to the popped list and returns them.
+POP_INBOX = """
+redis.call('DEL', KEYS[2])
+local items = redis.call('LPOP', KEYS[1], ARGV[1])
+if not items then return {} end
+redis.call('RPUSH', KEYS[2], unpack(items))
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return items
+"""
+
+
 _WRITE_KEYS = 5  # KEYS of FENCED_WRITE
 
 
@@ -313,6 +356,26 @@ class Scripts:
         self._release = redis.register_script(RELEASE)
         self._adopt = redis.register_script(ADOPT_ORPHANS)
         self._hand_off = redis.register_script(HAND_OFF)
+        self._pop = redis.register_script(POP_INBOX)
+        self._reader: redis.asyncio.Redis | None = None  # see _inbox_reader
+        self._unsure: set[str] = set()  # incarnations whose last inbox read failed
+
+    def _inbox_reader(self) -> redis.asyncio.Redis:
+        """The client of the inbox reads: it never sends a command again by itself (a re-sent pop
+        would move the next entry and forget the one whose reply was lost); a failed read is
+        followed by a re-read of the popped list instead."""
+        if self._reader is None:
+            pool = self.redis.connection_pool
+            self._reader = redis_asyncio.Redis(connection_pool=redis_asyncio.ConnectionPool(
+                connection_class=pool.connection_class, max_connections=2,
+                **{**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0), "retry_on_error": []}))
+        return self._reader
+
+    async def aclose(self) -> None:
+        """Close the inbox reader's connections (the host's client is its owner's to close)."""
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.aclose()
 
     @asynccontextmanager
     async def _connection_slot(self) -> AsyncIterator[None]:
@@ -365,21 +428,23 @@ class Scripts:
 
     def fenced_write_argv(
         self, incarnation: str, epoch: int, session_id: str, checkpoint: bytes, message: bytes,
-        deadline_ms: int | None, reply: tuple[str, bytes] | None = None,
+        deadline_ms: int | None, reply: tuple[str, bytes] | None = None, *, version: int | None = None,
     ) -> tuple[Any, ...]:
         """KEYS then ARGV of one FENCED_WRITE (for `do_fenced_write` / `do_fenced_writes`)."""
         k = self.keys
         return (k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines,
                 incarnation, epoch, checkpoint, CHECKPOINT_TTL_MS, message, k.channel(session_id),
                 session_id, "" if deadline_ms is None else deadline_ms,
-                *(reply if reply is not None else ("", "")))
+                *(reply if reply is not None else ("", "")), "" if version is None else version)
 
     async def do_fenced_write(
         self, incarnation: str, epoch: int, session_id: str, checkpoint: bytes, message: bytes,
-        deadline_ms: int | None, reply: tuple[str, bytes] | None = None,
+        deadline_ms: int | None, reply: tuple[str, bytes] | None = None, *, version: int | None = None,
     ) -> int:
-        """Write checkpoint + outbox + publish + deadline if I still hold the lease: 1 / 0 / -1."""
-        argv = self.fenced_write_argv(incarnation, epoch, session_id, checkpoint, message, deadline_ms, reply)
+        """Write checkpoint + outbox + publish + deadline if I still hold the lease and `version`
+        is the next one: 1 / 2 (already written) / 0 / -1."""
+        argv = self.fenced_write_argv(incarnation, epoch, session_id, checkpoint, message, deadline_ms, reply,
+                                      version=version)
         return await self.do_fenced_write_argv(argv)
 
     async def do_fenced_write_argv(self, argv: tuple[Any, ...]) -> int:
@@ -389,7 +454,7 @@ class Scripts:
 
     async def do_fenced_writes(self, batch: list[tuple[Any, ...]]) -> list[Any]:
         """Several FENCED_WRITEs in one round trip (pipelined, each still its own atomic script):
-        a result (1 / 0 / -1) or an exception per entry."""
+        a result (1 / 2 / 0 / -1) or an exception per entry."""
         results: list[Any] = [None] * len(batch)
         todo = list(range(len(batch)))
         async with self._connection_slot():
@@ -408,7 +473,8 @@ class Scripts:
         return results
 
     async def do_fenced_delete(self, incarnation: str, epoch: int, session_id: str, message: bytes) -> int:
-        """Delete checkpoint, release lease, outbox + publish the deletion: 1 / 0 / -1."""
+        """Delete checkpoint, release lease, outbox + publish the deletion: 1 / 2 (already deleted) /
+        0 / -1."""
         k = self.keys
         async with self._connection_slot():
             return await self._delete(
@@ -453,14 +519,45 @@ class Scripts:
         async with self._connection_slot():
             await self.redis.publish(channel, data)
 
-    async def do_pop_inbox(self, incarnation: str, timeout_s: int) -> bytes | None:
-        """Next forwarded command for `incarnation`, waiting up to `timeout_s` (BLPOP)."""
-        item = await self.redis.blpop([self.keys.inbox(incarnation)], timeout=timeout_s)
-        return None if item is None else item[1]
+    async def do_pop_inbox(self, incarnation: str, timeout_s: int) -> list[bytes]:
+        """The next forwarded command for `incarnation` ([] after `timeout_s`), or what the last
+        read took if its reply was lost (entries may come twice: requests carry ids)."""
+        again = await self._read_again(incarnation)
+        if again is not None:
+            return again
+        k = self.keys
+        popped = k.inbox_popped(incarnation)
+        pipe = self._inbox_reader().pipeline(transaction=False)
+        pipe.delete(popped)  # the last read's entries are in our hands
+        pipe.blmove(k.inbox(incarnation), popped, timeout_s, "LEFT", "RIGHT")
+        pipe.pexpire(popped, INBOX_TTL_MS)
+        try:
+            _, item, _ = await pipe.execute()
+        except Exception:
+            self._unsure.add(incarnation)
+            raise
+        return [] if item is None else [item]
 
     async def do_pop_inbox_batch(self, incarnation: str, count: int) -> list[bytes]:
-        """Up to `count` queued forwarded commands at once, without waiting (LPOP count)."""
-        return await self.redis.lpop(self.keys.inbox(incarnation), count) or []
+        """Up to `count` queued forwarded commands at once, without waiting (see `do_pop_inbox`)."""
+        again = await self._read_again(incarnation)
+        if again is not None:
+            return again
+        k = self.keys
+        try:
+            return list(await self._pop(keys=[k.inbox(incarnation), k.inbox_popped(incarnation)],
+                                        args=[count, INBOX_TTL_MS], client=self._inbox_reader()))
+        except Exception:
+            self._unsure.add(incarnation)
+            raise
+
+    async def _read_again(self, incarnation: str) -> list[bytes] | None:
+        """After a failed read: what it may have popped (None when the last read went well)."""
+        if incarnation not in self._unsure:
+            return None
+        items = await self._inbox_reader().lrange(self.keys.inbox_popped(incarnation), 0, -1)
+        self._unsure.discard(incarnation)
+        return items
 
     async def was_deleted(self, session_id: str) -> bool:
         """True if the session was deleted (tombstone on its lease): never restore it from audit."""

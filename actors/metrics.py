@@ -19,3 +19,6 @@ LIVENESS_LOST = Counter("kairos_liveness_lost_total", "Times this process lost i
 DRAIN_SECONDS = Histogram(
     "kairos_drain_seconds", "Time to hand off every lease on drain", buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60),
 )
+WRITES_REPEATED = Counter(
+    "kairos_writes_repeated_total", "Fenced writes sent again after a lost reply and found already written",
+)

@@ -293,15 +293,14 @@ class Router:
                 if busy:
                     batch = await host.scripts.do_pop_inbox_batch(inc, _INBOX_BATCH)
                 else:
-                    one = await host.scripts.do_pop_inbox(inc, 1)
-                    batch = [] if one is None else [one]
+                    batch = await host.scripts.do_pop_inbox(inc, 1)
             except Exception as e:
                 log.warning("inbox read failed: %r", e)
                 await anyio.sleep(0.2)
                 continue
             # Look again without blocking only when a backlog is likely: several came at once, or
             # they came while earlier ones were still being served. A lone command (one asker at a
-            # time) goes straight back to BLPOP: an empty LPOP costs ~1/4 of its CPU.
+            # time) goes straight back to the blocking read: an empty batch read costs ~1/4 of its CPU.
             busy = len(batch) > 1 or (bool(batch) and self._serving > 0)
             self._serving += len(batch)
             for raw in batch:

@@ -1,5 +1,8 @@
 """The Redis side of `actors.actor.Store`: every actor write is one fenced script call.
 
+Every write is safe to repeat (a client retry after a lost reply): the scripts answer a repeat of
+a write that already happened with ALREADY_WRITTEN, which counts as written here.
+
 Under load, writes of different sessions share round trips: up to `parallel` writes go out at
 once (so a lone command never waits), and writes arriving while those are in flight leave
 together in one pipeline when a slot frees. Each is still its own atomic, fenced script.
@@ -13,8 +16,17 @@ from typing import Any
 import anyio
 
 from actors.actor import Lease
-from actors.keys import Scripts
+from actors.keys import ALREADY_WRITTEN, Scripts
+from actors.metrics import WRITES_REPEATED
 from actors.router import handoff_message
+
+
+def _written(code: int) -> int:
+    """A repeat answered ALREADY_WRITTEN means our write is durable: WRITTEN (1) for the actor."""
+    if code == ALREADY_WRITTEN:
+        WRITES_REPEATED.inc()
+        return 1
+    return code
 
 
 class _Queued:
@@ -40,16 +52,16 @@ class RedisStore:
 
     async def write(
         self, lease: Lease, session_id: str, checkpoint: bytes, message: bytes, deadline_ms: int | None,
-        reply: tuple[str, bytes] | None = None,
+        reply: tuple[str, bytes] | None = None, *, version: int | None = None,
     ) -> int:
         """Checkpoint + outbox + publish + deadline (+ a forwarded asker's answer) in one round
-        trip: 1 / 0 fenced / -1 lost."""
+        trip: 1 / 0 fenced / -1 lost. `version` (the checkpoint's) makes a repeat harmless."""
         argv = self.scripts.fenced_write_argv(
-            lease.incarnation, lease.epoch, session_id, checkpoint, message, deadline_ms, reply)
+            lease.incarnation, lease.epoch, session_id, checkpoint, message, deadline_ms, reply, version=version)
         if self._in_flight < self.parallel and not self._queue:
             self._in_flight += 1
             try:
-                return int(await self.scripts.do_fenced_write_argv(argv))
+                return _written(int(await self.scripts.do_fenced_write_argv(argv)))
             finally:
                 self._in_flight -= 1
                 self._flush_queue()
@@ -58,7 +70,7 @@ class RedisStore:
         await queued.done.wait()
         if queued.error is not None:
             raise queued.error
-        return int(queued.result)
+        return _written(int(queued.result))
 
     def _flush_queue(self) -> None:
         if self._queue and self._in_flight < self.parallel:
@@ -83,7 +95,7 @@ class RedisStore:
 
     async def delete(self, lease: Lease, session_id: str, message: bytes) -> int:
         """Delete checkpoint, release the lease, outbox + publish the deletion: 1 / 0 / -1."""
-        return int(await self.scripts.do_fenced_delete(lease.incarnation, lease.epoch, session_id, message))
+        return _written(int(await self.scripts.do_fenced_delete(lease.incarnation, lease.epoch, session_id, message)))
 
     async def was_deleted(self, session_id: str) -> bool:
         """Deleted on purpose (tombstone): the audit snapshot must not bring it back."""

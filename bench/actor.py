@@ -10,6 +10,7 @@ Targets (issue 3): local p50 <= 1.5x raw p50; forwarded p50 <= 4x raw p50; 1 rou
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -70,9 +71,11 @@ async def _raw_writer(redis: Any, prefix: str) -> tuple[Callable[[], Awaitable[f
     msg = wire.update_message(result.state, result.events, now + 1, sid)
     deadline = rules.next_deadline(result.state)
 
+    versions = itertools.count(1)  # the next version each time: the script's full path, as an actor's write
+
     async def one() -> float:
         t = time.perf_counter()
-        await scripts.do_fenced_write(lease.incarnation, lease.epoch, sid, cp, msg, deadline)
+        await scripts.do_fenced_write(lease.incarnation, lease.epoch, sid, cp, msg, deadline, version=next(versions))
         return time.perf_counter() - t
 
     return one, scripts, inc

@@ -42,7 +42,7 @@ class MemoryStore:
         self.answer: int | None = None  # force a reply code (e.g. LIVENESS_LOST)
 
     async def write(self, lease: Lease, sid: str, checkpoint: bytes, message: bytes, deadline: int | None,
-                    reply: Any = None) -> int:
+                    reply: Any = None, *, version: int | None = None) -> int:
         await anyio.lowlevel.checkpoint()  # a real await point, so interleavings can happen
         if self.answer is not None:
             return self.answer
