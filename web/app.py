@@ -22,9 +22,9 @@ from quart_schema import QuartSchema
 
 from actors.fanout import FanOut
 from actors.outbox.audit import AuditServices
+from web import apidocs, metrics
 from web import cors as web_cors
 from web import errors as web_errors
-from web import metrics
 from web.auth import Authenticator
 from web.cors import Cors
 from web.limits import ClientAddress, GeneralLimiter
@@ -101,7 +101,7 @@ def create_app(settings: Settings) -> Quart:
         app,
         openapi_provider_class=KairosOpenAPI,
         openapi_path="/api-docs.json",
-        swagger_ui_path="/api-docs",
+        swagger_ui_path=None,  # web.apidocs serves /api-docs from the package (offline)
         redoc_ui_path=None,
         scalar_ui_path=None,
         info={"title": "Kairos", "version": API_VERSION,
@@ -114,6 +114,7 @@ def create_app(settings: Settings) -> Quart:
     web_errors.install(app)
     web_cors.install(app, svc.cors)
     register_routes(app)
+    app.register_blueprint(apidocs.bp)
     register_ws(app, svc)
 
     @app.while_serving

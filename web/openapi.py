@@ -235,7 +235,7 @@ def _finish_components(doc: dict[str, Any]) -> None:
     error_schema = ErrorOut.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(error_schema.pop("$defs", {}))
     schemas["ErrorOut"] = error_schema
-    _add_formats(doc)
+    add_formats(doc)
     for path_item in doc.get("paths", {}).values():
         for op in path_item.values():
             body = op.get("requestBody", {}).get("content", {}).get("application/json")
@@ -251,11 +251,11 @@ def _finish_components(doc: dict[str, Any]) -> None:
                 body["examples"] = copy.deepcopy(REQUEST_EXAMPLES[title])
 
 
-def _add_formats(node: Any, field: str | None = None) -> None:
+def add_formats(node: Any, field: str | None = None) -> None:
     """Walk the document: UUID patterns and id fields get `format: uuid`, times `date-time`."""
     if isinstance(node, list):
         for item in node:
-            _add_formats(item, field)
+            add_formats(item, field)
         return
     if not isinstance(node, dict):
         return
@@ -267,8 +267,8 @@ def _add_formats(node: Any, field: str | None = None) -> None:
     for key, value in node.items():
         if key == "properties" and isinstance(value, dict):
             for name, sub in value.items():
-                _add_formats(sub, name)
+                add_formats(sub, name)
         elif key in ("anyOf", "oneOf", "allOf", "items"):
-            _add_formats(value, field)
+            add_formats(value, field)
         elif key not in ("examples", "example", "default", "enum", "const"):
-            _add_formats(value)
+            add_formats(value)

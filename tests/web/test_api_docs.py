@@ -3,11 +3,16 @@ lists its errors, and worked examples that validate and that the server accepts.
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from jsonschema import Draft202012Validator
+from jsonschema import Draft7Validator, Draft202012Validator
 from openapi_spec_validator import validate
 
 from tests.servers import KairosServer
@@ -108,3 +113,61 @@ def test_examples_validate_and_a_live_server_accepts_them(
     for example in device["examples"].values():
         body_schema(doc, device["schema"]).validate(example["value"])
         assert http.post("/v1/devices", json=example["value"]).status_code == 201
+
+
+# ---------------- the interactive page, offline ----------------
+
+
+def referenced_urls(html: str) -> list[str]:
+    return re.findall(r'(?:src|href)="([^"]+)"', html)
+
+
+def test_docs_page_and_every_asset_load_from_the_server_itself(server: KairosServer) -> None:
+    page = httpx.get(f"{server.url}/api-docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text.startswith("<!DOCTYPE html>") and '<meta charset="utf-8">' in page.text
+    urls = referenced_urls(page.text)
+    assert len(urls) == 3  # stylesheet, Swagger UI bundle, our init script
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), url  # no other host, no CDN
+        asset = httpx.get(f"{server.url}{url}")
+        assert asset.status_code == 200 and len(asset.content) > 100, url
+    init = httpx.get(f"{server.url}/api-docs/assets/init.js").text
+    assert '"/api-docs.json"' in init and "validatorUrl: null" in init  # no call to a validator
+    assert httpx.get(f"{server.url}/api-docs/assets/../../app.py").status_code == 404
+
+
+def test_docs_page_renders_in_a_headless_browser(server: KairosServer, tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium on this machine: the page and its assets are checked above")
+    shot = tmp_path / "api-docs.png"
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
+         "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=127.0.0.1",  # nothing else reachable
+         "--dump-dom", f"{server.url}/api-docs"],
+        capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "Create a session" in dom and "/v1/sessions/{session_id}/switch" in dom
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                    "--virtual-time-budget=10000", f"--screenshot={shot}",
+                    "--window-size=1200,900", f"{server.url}/api-docs"],
+                   capture_output=True, timeout=60, check=True)
+    assert shot.stat().st_size > 10_000
+
+
+# ---------------- AsyncAPI ----------------
+
+
+def test_asyncapi_document_is_valid_asyncapi_3(server: KairosServer) -> None:
+    doc = httpx.get(f"{server.url}/asyncapi.json").json()
+    schema = json.loads((Path(__file__).parent / "schemas" / "asyncapi-3.0.0.json").read_text())
+    errors = [f"{list(e.absolute_path)}: {e.message}"
+              for e in Draft7Validator(schema).iter_errors(doc)]
+    assert errors == []
+    assert doc["servers"]["kairos"]["host"] == f"127.0.0.1:{server.port}"
+    frames = {m["payload"]["properties"]["type"].get("const")
+              for m in doc["components"]["messages"].values()}
+    assert {"CONNECTED", "STATE_UPDATE", "STATE_SYNC", "TIME_WARNING", "TIME_EXPIRED",
+            "SESSION_DELETED", "PONG", "ACK", "ERROR", "PING", "RECONNECT"} <= frames
+    warning = doc["components"]["messages"]["TimeWarning"]["payload"]
+    assert "remaining_ms" in warning["required"]  # the field the server sends
