@@ -87,6 +87,7 @@ class Runtime(Protocol):
     switch_rate_per_s: int
     passivate_after_ms: int
     mailbox_limit: int
+    idempotency_window_ms: int  # how long command ids are remembered at least (kairos.rules)
     restore: Callable[[str], Awaitable[Session | None]] | None
 
     def clock(self) -> int: ...
@@ -338,7 +339,7 @@ class Actor:
         replay = cid is not None and state is not None and cid in state.recent
         if isinstance(command, Switch) and rt.switch_rate_per_s and not replay:
             self._check_switch_rate(now)
-        result = rules.apply(state, command, now)
+        result = rules.apply(state, command, now, window_ms=rt.idempotency_window_ms)
         if not result.changed:
             return Reply(result.state, result.outcome, now)
         reply = await self._persist(result, now, reply_to)

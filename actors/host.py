@@ -33,6 +33,7 @@ from actors.timers import Timers
 from kairos import codec
 from kairos.commands import Command
 from kairos.errors import SessionNotFound, Unavailable
+from kairos.rules import IDEMPOTENCY_WINDOW_MS
 from kairos.session import Session
 
 __all__ = ["Host", "Reply"]
@@ -61,6 +62,7 @@ class Host:
         restore: Callable[[str], Awaitable[Session | None]] | None = None,
         switch_rate_per_s: int = 10,
         passivate_after_ms: int = 60_000,
+        idempotency_window_ms: int = IDEMPOTENCY_WINDOW_MS,
         mailbox_limit: int = 10_000,
         ask_deadline_ms: int = 10_000,
         forward_timeout_ms: int = 2_000,
@@ -76,6 +78,7 @@ class Host:
         self.restore = restore
         self.switch_rate_per_s = switch_rate_per_s
         self.passivate_after_ms = passivate_after_ms
+        self.idempotency_window_ms = idempotency_window_ms
         self.mailbox_limit = mailbox_limit
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.draining = False

@@ -2,8 +2,10 @@
 
 Format: msgpack of a positional list (no key names), tagged with a format number so a future
 layout can still read old checkpoints. Participants are positional rows. The idempotency window
-is packed as columns (command ids oldest first, versions, expired ids), so its eviction order
-survives (outcomes of any other shape are kept whole).
+is packed as columns (command ids oldest first, versions, expired ids, and how long before
+`updated_at_ms` each was accepted), so its eviction order and times survive (outcomes of any
+other shape are kept whole). Format 1 (no times) is still read: its ids count as accepted at the
+session's last change.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import msgpack
 
 from kairos.session import ExpiryPolicy, Participant, Session, Status, SyncMode, Visibility
 
-FORMAT = 1
+FORMAT = 2
+_READABLE = (1, 2)
 
 _MODES = {m.value: m for m in SyncMode}
 _STATUSES = {m.value: m for m in Status}
@@ -36,7 +39,7 @@ def encode(state: Session) -> bytes:
             s.visibility.value, s.active_index, s.time_per_cycle_ms, s.increment_ms,
             s.max_time_ms, s.time_warning_ms, s.metadata, s.cycle_started_at_ms,
             s.session_started_at_ms, s.session_completed_at_ms, s.global_remaining_ms, s.warned,
-            _pack_recent(s.recent), s.turn_elapsed_ms,
+            _pack_recent(s.recent, s.updated_at_ms), s.turn_elapsed_ms,
         ),
         use_bin_type=True,
     )
@@ -45,7 +48,7 @@ def encode(state: Session) -> bytes:
 def decode(data: bytes) -> Session:
     """Rebuild the state written by `encode`; raises ValueError on an unknown format."""
     t = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    if not t or t[0] != FORMAT:
+    if not t or t[0] not in _READABLE:
         raise ValueError(f"unknown checkpoint format {t[0] if t else None!r}")
     (_, session_id, mode, status, version, rows, owner, created, updated, total, policy,
      visibility, active_index, tpc, inc, max_time, warn_ms, metadata, cycle_at, started_at,
@@ -73,26 +76,32 @@ def decode(data: bytes) -> Session:
         session_completed_at_ms=completed_at,
         global_remaining_ms=shared,
         warned=warned,
-        recent=_unpack_recent(recent),
+        recent=_unpack_recent(recent, updated),
         turn_elapsed_ms=turn_elapsed,
     )
 
 
-def _pack_recent(recent: dict[str, dict]) -> list:
-    """[command_ids, versions, expired_ids] when every outcome has the usual two keys (the
-    common case, packed as flat columns), else [[command_id, outcome], ...] kept whole."""
-    outcomes = recent.values()
-    if all(len(o) == 2 and "version" in o and "expired_participant_id" in o for o in outcomes):
-        return [list(recent), [o["version"] for o in outcomes],
-                [o["expired_participant_id"] for o in outcomes]]
+def _pack_recent(recent: dict[str, dict], updated_at_ms: int) -> list:
+    """[command_ids, versions, expired_ids, ages] when every entry has the usual keys (the common
+    case, packed as flat columns; age = updated_at_ms - at_ms, a small number), else
+    [[command_id, entry], ...] kept whole."""
+    entries = recent.values()
+    if all(len(o) == 3 and "version" in o and "expired_participant_id" in o and "at_ms" in o for o in entries):
+        return [list(recent), [o["version"] for o in entries],
+                [o["expired_participant_id"] for o in entries],
+                [updated_at_ms - o["at_ms"] for o in entries]]
     return [list(recent.items())]
 
 
-def _unpack_recent(packed: list) -> dict[str, dict]:
+def _unpack_recent(packed: list, updated_at_ms: int) -> dict[str, dict]:
     if len(packed) == 1:
         return dict(packed[0])
-    ids, versions, expired = packed
+    if len(packed) == 3:  # format 1: no times
+        ids, versions, expired = packed
+        ages = [0] * len(ids)
+    else:
+        ids, versions, expired, ages = packed
     return {
-        cid: {"version": v, "expired_participant_id": e}
-        for cid, v, e in zip(ids, versions, expired, strict=True)
+        cid: {"version": v, "expired_participant_id": e, "at_ms": updated_at_ms - age}
+        for cid, v, e, age in zip(ids, versions, expired, ages, strict=True)
     }

@@ -6,7 +6,9 @@ CONTRACT (other packages rely on it):
 - An accepted command whose `command_id` is already in `state.recent` returns
   `Result(state, [], replayed=True, outcome=<the stored outcome>)` with the state unchanged.
 - An accepted command bumps `version` by exactly 1 and records its `command_id` (if any) in the
-  bounded idempotency window (last `IDEMPOTENCY_WINDOW` ids).
+  idempotency window: an id is remembered at least `window_ms` (the `apply` argument, default
+  `IDEMPOTENCY_WINDOW_MS`) and while it is among the last `IDEMPOTENCY_WINDOW` ids, within the
+  size bound `IDEMPOTENCY_MAX` ids per session (past it the oldest go first).
 - `Tick` applies every deadline that has passed at `now_ms`; when nothing is due it returns the
   same state with no events (`changed` False) and no version bump.
 - `Delete` returns `state=None` with a `session_deleted` event.
@@ -66,7 +68,13 @@ from kairos.session import (
 )
 from kairos.validate import validate_create
 
+# The idempotency window. Every command id is remembered while it is among the last
+# IDEMPOTENCY_WINDOW ids of its session, and at least `window_ms` after it was accepted (default
+# 300 s, KAIROS_IDEMPOTENCY_WINDOW_S), as long as the session holds at most IDEMPOTENCY_MAX ids:
+# the window travels in every checkpoint, so its size is bounded (~50 B per id).
 IDEMPOTENCY_WINDOW = 64
+IDEMPOTENCY_WINDOW_MS = 300_000
+IDEMPOTENCY_MAX = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +92,13 @@ class Result:
         return bool(self.events) and not self.replayed
 
 
-def apply(state: Session | None, command: Command, now_ms: int) -> Result:
-    """Apply one command at `now_ms`; raise a KairosError if it is rejected."""
+def apply(state: Session | None, command: Command, now_ms: int, *,
+          window_ms: int = IDEMPOTENCY_WINDOW_MS) -> Result:
+    """Apply one command at `now_ms`; raise a KairosError if it is rejected. `window_ms`: how long
+    command ids are remembered at least (see IDEMPOTENCY_WINDOW_MS)."""
     cid = command.command_id
     if state is not None and cid is not None and cid in state.recent:
-        return Result(state, [], replayed=True, outcome=state.recent[cid])
+        return Result(state, [], replayed=True, outcome=outcome_of(state.recent[cid]))
     if isinstance(command, Create):
         if state is not None:
             raise SessionExists(f"Session {state.session_id} already exists")
@@ -105,7 +115,7 @@ def apply(state: Session | None, command: Command, now_ms: int) -> Result:
     handler = _HANDLERS[type(command)]
     d = Draft(state)
     handler(d, command, now_ms)
-    return _accept(state, d, cid, now_ms)
+    return _accept(state, d, cid, now_ms, window_ms)
 
 
 def next_deadline(state: Session) -> int | None:
@@ -177,7 +187,7 @@ def _create(cmd: Create, now_ms: int) -> Result:
     )
     outcome = {"version": 1, "expired_participant_id": None}
     if cmd.command_id is not None:
-        state.recent = {cmd.command_id: outcome}
+        state.recent = {cmd.command_id: {**outcome, "at_ms": now_ms}}
     event = ev.Event(ev.SESSION_CREATED, state.session_id, 1, now_ms, None,
                      {"sync_mode": mode.value, "participant_count": len(participants),
                       "owner": cmd.owner})
@@ -309,25 +319,53 @@ def _tick(state: Session, now_ms: int) -> Result:
     _catch_up(d, now_ms)
     if not d.has_events:
         return Result(state, [], outcome=_unchanged(state))
-    return _accept(state, d, None, now_ms)
+    return _accept(state, d, None, now_ms, 0)
 
 
 def _unchanged(state: Session) -> dict[str, Any]:
     return {"version": state.version, "expired_participant_id": None}
 
 
-def _accept(old: Session, d: Draft, command_id: str | None, now_ms: int) -> Result:
+def _accept(old: Session, d: Draft, command_id: str | None, now_ms: int, window_ms: int) -> Result:
     s = d.s
     s.version = old.version + 1
     s.updated_at_ms = now_ms
     outcome = {"version": s.version, "expired_participant_id": d.expired_participant_id}
     if command_id is not None:
         recent = dict(old.recent)
-        recent[command_id] = outcome
-        while len(recent) > IDEMPOTENCY_WINDOW:
-            del recent[next(iter(recent))]
+        recent[command_id] = {**outcome, "at_ms": now_ms}
+        _forget_old_ids(recent, now_ms, window_ms)
         s.recent = recent
     return Result(s, d.events(s.session_id, s.version), outcome=outcome)
+
+
+def outcome_of(remembered: dict[str, Any]) -> dict[str, Any]:
+    """The outcome a replay answers, from an entry of `Session.recent` (without its `at_ms`)."""
+    return {k: v for k, v in remembered.items() if k != "at_ms"}
+
+
+def command_id_of(state: Session) -> str | None:
+    """The id of the command that produced `state.version`, if it carried one."""
+    if not state.recent:
+        return None
+    cid = next(reversed(state.recent))
+    return cid if state.recent[cid].get("version") == state.version else None
+
+
+def _forget_old_ids(recent: dict[str, dict], now_ms: int, window_ms: int) -> None:
+    """Drop ids oldest first: past IDEMPOTENCY_MAX always; past the last IDEMPOTENCY_WINDOW only
+    once remembered `window_ms` (an id without a time counts as old)."""
+    drop = []
+    left = len(recent)
+    for cid, remembered in recent.items():
+        if left <= IDEMPOTENCY_WINDOW:
+            break
+        if left <= IDEMPOTENCY_MAX and remembered.get("at_ms", now_ms - window_ms) + window_ms > now_ms:
+            break
+        drop.append(cid)
+        left -= 1
+    for cid in drop:
+        del recent[cid]
 
 
 # --- deadlines -------------------------------------------------------------------------------

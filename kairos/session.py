@@ -89,7 +89,8 @@ class Session:
     # pause inside the turn); `per_cycle` needs it for the turn clock, events report it.
     turn_elapsed_ms: int = 0
     warned: bool = False  # TIME_WARNING already emitted for the current turn
-    # Idempotency window: command_id -> stored outcome (see kairos.rules.Outcome), oldest first.
+    # Idempotency window: command_id -> stored outcome (see kairos.rules.Result) plus `at_ms`, when
+    # it was accepted; oldest first (kairos.rules.IDEMPOTENCY_WINDOW_MS says how long ids stay).
     recent: dict[str, dict] = field(default_factory=dict)
 
     @property

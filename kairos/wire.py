@@ -6,7 +6,9 @@ the session channel AND appends to the outbox stream (same bytes, serialised onc
     {"session_id": str, "version": int, "server_time_ms": int,
      "events": [Event.to_dict(), ...],
      "state": <session_json(state, server_time_ms)> or null when deleted,
-     "expired_participant_id": str (only when an expiry happened)}
+     "expired_participant_id": str (only when an expiry happened),
+     "command_id": str (only when the command that made this version carried one: the audit copy
+                   keeps it, so a session restored from the audit keeps its idempotency window)}
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import orjson
 
 from kairos import events as ev
 from kairos.modes import live_remaining
+from kairos.rules import command_id_of
 from kairos.session import ExpiryPolicy, Participant, Session, Status, SyncMode, Visibility
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -152,6 +155,9 @@ def update_message(state: Session | None, events: list[ev.Event], now_ms: int, s
     expired = expired_participant_of(events)
     if expired is not None:
         msg["expired_participant_id"] = expired
+    command_id = None if state is None else command_id_of(state)
+    if command_id is not None:
+        msg["command_id"] = command_id
     return _dumps(msg)
 
 
@@ -178,14 +184,25 @@ def _dumps(msg: dict[str, Any]) -> bytes:
         return _std_dumps(msg)
 
 
-def session_from_json(d: dict[str, Any]) -> Session:
+def remembered(commands: list[tuple[int, dict[str, Any]]]) -> dict[str, dict]:
+    """The idempotency window from audited update messages: (version, {"command_id",
+    "expired_participant_id", "server_time_ms"}) pairs, any order (for `session_from_json`)."""
+    return {
+        m["command_id"]: {"version": v, "expired_participant_id": m.get("expired_participant_id"),
+                          "at_ms": m["server_time_ms"]}
+        for v, m in sorted(commands, key=lambda c: c[0])
+    }
+
+
+def session_from_json(d: dict[str, Any], recent: dict[str, dict] | None = None) -> Session:
     """Best-effort rebuild of a Session from its wire form (restore from the audit snapshot).
 
     Exact: ids, statuses, banks, time used, cycle counts, expiry flags, timestamps, version and
     every setting. Derived: `initial_time_ms` and `increments_ms` (from `cycle_count x
     increment_ms`, exact because only a switch earns an increment), the `global`/`count_up`
-    shared clock (limit minus the time used). Lost (approximated): the idempotency window
-    (empty), whether this turn's time warning was already sent (assumed not: it may repeat), and
+    shared clock (limit minus the time used). The idempotency window is not in the wire form:
+    pass `recent` (rebuilt from the audited `command_id`s, see `remembered`). Lost
+    (approximated): whether this turn's time warning was already sent (assumed not: it may repeat), and
     time charged to the current turn before a pause (assumed 0: a paused `per_cycle` turn
     restarts with a full turn).
     """
@@ -254,4 +271,5 @@ def session_from_json(d: dict[str, Any]) -> Session:
         session_started_at_ms=_ms("session_started_at"),
         session_completed_at_ms=_ms("session_completed_at"),
         global_remaining_ms=shared,
+        recent=dict(recent or {}),
     )

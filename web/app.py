@@ -176,6 +176,7 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
             restore=restore,
             switch_rate_per_s=s.rate_limit_switch,
             passivate_after_ms=s.passivate_after_ms,
+            idempotency_window_ms=s.idempotency_window_s * 1000,
         )
     )
     metrics.track_actors(svc.host.actor_count)

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     instance_id: str | None = None
     lease_ttl_ms: int = Field(5000, ge=100)
     passivate_after_ms: int = Field(60_000, ge=0)
+    idempotency_window_s: int = Field(300, ge=1)  # command ids remembered at least this long
 
     auth: Literal["enabled", "disabled"] = "enabled"
     jwt_secret: str | None = None

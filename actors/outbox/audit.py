@@ -61,7 +61,7 @@ CREATE TEMP TABLE IF NOT EXISTS audit_stage (m jsonb) ON COMMIT DELETE ROWS
 _MS = "(timestamptz 'epoch' + ({} * interval '1 millisecond'))"
 _INSERT_EVENTS = f"""
 INSERT INTO sync_events (session_id, version, seq, event_type, participant_id, group_id,
-    time_remaining_ms, time_elapsed_ms, cycle_number, "timestamp", state_snapshot, metadata)
+    time_remaining_ms, time_elapsed_ms, cycle_number, "timestamp", state_snapshot, metadata, command)
 SELECT lower(m->>'session_id'),
        COALESCE((e->>'version')::bigint, (m->>'version')::bigint),
        (o - 1)::smallint,
@@ -75,7 +75,10 @@ SELECT lower(m->>'session_id'),
        (e->'data'->>'cycle_number')::integer,
        {_MS.format("COALESCE((e->>'at_ms')::bigint, (m->>'server_time_ms')::bigint)")},
        NULLIF(m->'state', 'null'::jsonb),
-       COALESCE(e->'data', '{{}}'::jsonb)
+       COALESCE(e->'data', '{{}}'::jsonb),
+       CASE WHEN o = 1 AND m ? 'command_id' THEN jsonb_build_object(
+           'command_id', m->'command_id', 'expired_participant_id', m->'expired_participant_id',
+           'server_time_ms', m->'server_time_ms') END
 FROM audit_stage, jsonb_array_elements(m->'events') WITH ORDINALITY AS x(e, o)
 ORDER BY 1, 2, 3
 ON CONFLICT (session_id, version, event_type) DO NOTHING
@@ -135,6 +138,11 @@ FROM sync_events WHERE session_id = $1 AND version = $2 ORDER BY seq
 _SELECT_LAST_SNAPSHOT = """
 SELECT state_snapshot FROM sync_events WHERE session_id = $1
 ORDER BY version DESC, seq DESC LIMIT 1
+"""
+# The idempotency window of a restored session: the command ids of its last changes.
+_SELECT_COMMANDS = """
+SELECT version, command FROM sync_events WHERE session_id = $1 AND command IS NOT NULL
+ORDER BY version DESC LIMIT $2
 """
 
 
@@ -467,14 +475,17 @@ class AuditServices:
             raise _unavailable_or(e) from e
 
     async def restore(self, session_id: str) -> Session | None:
-        """The last audited snapshot of the session (None if never audited or deleted), with
-        `metadata.restored_from_audit = True` so clients can tell."""
-        from kairos.wire import session_from_json
+        """The last audited snapshot of the session (None if never audited or deleted), with its
+        idempotency window and `metadata.restored_from_audit = True` so clients can tell."""
+        from kairos.rules import IDEMPOTENCY_MAX
+        from kairos.wire import remembered, session_from_json
 
         rows = await self._fetch(_SELECT_LAST_SNAPSHOT, session_id.lower())
         if not rows or rows[0]["state_snapshot"] is None:
             return None
-        state = session_from_json(json.loads(rows[0]["state_snapshot"]))
+        commands = await self._fetch(_SELECT_COMMANDS, session_id.lower(), IDEMPOTENCY_MAX)
+        window = remembered([(r["version"], json.loads(r["command"])) for r in commands])
+        state = session_from_json(json.loads(rows[0]["state_snapshot"]), window)
         state.metadata = {**(state.metadata or {}), "restored_from_audit": True}
         return state
 

@@ -156,3 +156,30 @@ async def test_starts_while_postgres_is_down_and_reports_it_unavailable(redis, k
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_restored_session_keeps_its_idempotency_window(
+    redis, keys, key_prefix: str, database_url: str
+) -> None:
+    """The audit copy carries each change's command id (issue 9, defect 7): a session restored
+    from it answers a retried key with the first outcome instead of applying it again."""
+    from kairos import Create, ParticipantSpec, Start, Switch, apply
+    from kairos.wire import update_message
+
+    sid, now = str(uuid.uuid4()), 1_790_000_000_000
+    create = Create(session_id=sid, sync_mode="per_participant", owner="o", command_id="k-create",
+                    participants=(ParticipantSpec(str(uuid.uuid4()), 60_000),
+                                  ParticipantSpec(str(uuid.uuid4()), 60_000)))
+    state, msgs = None, []
+    for k, cmd in enumerate([create, Start(), *(Switch(command_id=f"k{n}") for n in range(70))]):
+        r = apply(state, cmd, now + 100 * k)
+        state = r.state
+        msgs.append(update_message(state, r.events, now + 100 * k, sid))
+    await append(redis, keys, msgs)
+    async with services(redis, key_prefix, database_url) as audit:
+        await eventually(lambda: drained(audit), what="audit caught up")
+        restored = await audit.restore(sid)
+    assert restored is not None and restored.version == state.version
+    assert restored.recent == state.recent  # all 71 keys: younger than the 300 s window
+    replay = apply(restored, Switch(command_id="k-create"), now + 100 * 80)
+    assert replay.replayed and replay.outcome == {"version": 1, "expired_participant_id": None}

@@ -95,7 +95,7 @@ def test_create_builds_a_pending_version_1_session_with_defaults() -> None:
     assert s.expiry_policy is ExpiryPolicy.END_SESSION
     assert s.total_time_ms == 600_000  # defaults to the sum of the banks
     assert [p.participant_index for p in s.participants] == [0, 1]
-    assert s.recent == {"c1": {"version": 1, "expired_participant_id": None}}
+    assert s.recent == {"c1": {"version": 1, "expired_participant_id": None, "at_ms": T0}}
     assert [(e.type, e.version, e.data["participant_count"]) for e in r.events] == [
         ("session_created", 1, 2)]
 

@@ -70,6 +70,7 @@ class MemoryRuntime:
         self.timers = Timers(clock, max_sleep_s=0.05)
         self.switch_rate_per_s = opts.get("switch_rate_per_s", 0)
         self.passivate_after_ms = opts.get("passivate_after_ms", 60_000)
+        self.idempotency_window_ms = 300_000
         self.mailbox_limit = 10_000
         self.restore = None
         self.spawn = spawn
