@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from actors.metrics import DEADLINE_LATENESS
+from actors.metrics import DEADLINE_LATENESS, DEADLINE_MISSED_WHILE_STOPPED
 from kairos import codec, rules, wire
 from kairos.commands import Command, Create, Delete, Switch, Tick
 from kairos.errors import KairosError, RateLimited, SessionExists, SessionNotFound, Unavailable
@@ -45,6 +45,8 @@ class Reply:
     now_ms: int
     # Internal: the answer already published to a forwarding asker inside the fenced write.
     published: bytes | None = None
+    # Answered by the owner on another instance (the command metrics' `path` label).
+    forwarded: bool = False
 
 
 # Builds (reply channel, answer bytes) for a forwarded command from its Reply and checkpoint bytes,
@@ -124,7 +126,7 @@ class Actor:
 
     __slots__ = (
         "session_id", "rt", "lease", "state", "closed", "armed", "deadline", "last_used",
-        "_box", "_running", "_switches", "_restore_tried",
+        "_box", "_running", "_switches", "_restore_tried", "released_until",
     )
 
     def __init__(self, rt: Runtime, session_id: str, lease: Lease, state: Session | None) -> None:
@@ -142,6 +144,9 @@ class Actor:
         self._running = False
         self._switches: list[int] | None = None  # accepted switch times in the last second
         self._restore_tried = False
+        # Claimed after a clean release (not from a dead owner): the claim time. A deadline that
+        # passed before it was missed while nothing ran, which is downtime, not lateness.
+        self.released_until = 0
 
     # --- public ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -357,7 +362,11 @@ class Actor:
         if result.changed:
             await self._persist(result, now)
             if due is not None:
-                DEADLINE_LATENESS.observe(max(0, now - due) / 1000)
+                late = max(0, now - due) / 1000
+                if due < self.released_until:
+                    DEADLINE_MISSED_WHILE_STOPPED.observe(late)
+                else:
+                    DEADLINE_LATENESS.observe(late)
         else:
             # Guard against a deadline that apply() does not honour: never spin on it.
             if self.deadline is not None and self.deadline <= now:

@@ -244,6 +244,8 @@ class Host:
             old.close()
         LEASES_CLAIMED.labels(reason).inc()
         actor = Actor(self, session_id, lease, state)
+        if reason in ("released", "new"):
+            actor.released_until = self._clock()
         self._actors[session_id] = actor
         actor.start()
         self._activations += 1

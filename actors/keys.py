@@ -265,8 +265,9 @@ _RESERVED_CONNECTIONS = 4
 # Looks at due deadlines; a session whose lease is released or whose owner's liveness key is
 # gone is claimed for me (epoch + 1); entries without a checkpoint are dropped.
 # Lua spells PREFIX .. 's:' .. sid .. ':lease' / ':cp' as Keys.lease / Keys.checkpoint.
-# Returns {checked, fetched, sid1, epoch1, checkpoint1, sid2, ...} ({-1} if my liveness key is
-# gone); `checked` < `fetched` when the adoption batch filled up first.
+# Returns {checked, fetched, sid1, epoch1, checkpoint1, reason1, sid2, ...} ({-1} if my liveness
+# key is gone); reason as CLAIM_OR_FORWARD's (released: a clean stop or passivation let it go;
+# takeover: its owner died); `checked` < `fetched` when the adoption batch filled up first.
 ADOPT_ORPHANS = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', ARGV[7], ARGV[4])
@@ -289,7 +290,9 @@ for _, sid in ipairs(due) do
       out[#out + 1] = sid
       out[#out + 1] = epoch
       out[#out + 1] = cp
-      if #out >= want * 3 + 2 then break end
+      if not owner then out[#out + 1] = 'new' elseif owner == '' then out[#out + 1] = 'released'
+      else out[#out + 1] = 'takeover' end
+      if #out >= want * 4 + 2 then break end
     end
   end
 end
@@ -494,16 +497,18 @@ class Scripts:
 
     async def do_adopt_orphans(
         self, incarnation: str, *, until_ms: int, scan: int, batch: int, offset: int = 0
-    ) -> tuple[int, int, list[tuple[str, int, bytes]]] | None:
+    ) -> tuple[int, int, list[tuple[str, int, bytes, str]]] | None:
         """Claim orphaned sessions due before `until_ms`, looking at `scan` entries from `offset`:
-        (entries checked, entries fetched, [(sid, epoch, checkpoint)]), None if I am not alive."""
+        (entries checked, entries fetched, [(sid, epoch, checkpoint, reason)]), None if I am not
+        alive."""
         k = self.keys
         async with self._connection_slot():
             flat = await self._adopt(keys=[k.deadlines, k.liveness(incarnation)],
                                      args=[incarnation, k.prefix, until_ms, scan, batch, CHECKPOINT_TTL_MS, offset])
         if flat[0] == -1:
             return None
-        found = [(flat[i].decode(), int(flat[i + 1]), flat[i + 2]) for i in range(2, len(flat), 3)]
+        found = [(flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3].decode())
+                 for i in range(2, len(flat), 4)]
         return int(flat[0]), int(flat[1]), found
 
     async def do_hand_off(self, incarnation: str, epoch: int, session_id: str, target: str, message: bytes) -> int:

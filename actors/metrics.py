@@ -12,6 +12,12 @@ DEADLINE_LATENESS = Histogram(
     "kairos_deadline_lateness_seconds", "How late a deadline (expiry, time-out, warning) was applied",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+DEADLINE_MISSED_WHILE_STOPPED = Histogram(
+    "kairos_deadline_missed_while_stopped_seconds",
+    "How far past its deadline a session was when claimed after a clean stop had released it "
+    "(downtime with no instance running, not lateness of a live owner)",
+    buckets=(0.1, 1, 5, 15, 60, 300, 1800, 3600, 21600, 86400),
+)
 COMMANDS_RETRIED = Counter(
     "kairos_commands_retried_total", "Routing retries of a command", ["why"],  # moved | owner_gone
 )

@@ -221,7 +221,7 @@ class Router:
         if msg["k"] == REPLY_ERROR:
             raise KairosError.from_dict(msg["e"])
         st = msg["st"]
-        return Reply(codec.decode(st) if st is not None else None, msg["o"], msg["t"])
+        return Reply(codec.decode(st) if st is not None else None, msg["o"], msg["t"], forwarded=True)
 
     async def activate_here(self, session_id: str, reason: str = "handoff") -> bool:
         """Claim and activate a session on this host now, if nobody live owns it (drain hand-off)."""

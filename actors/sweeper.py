@@ -51,8 +51,8 @@ class Sweeper:
         # back to the start once the end of the due entries was reached.
         reached_end = fetched < self.scan and checked == fetched
         self._offset = 0 if reached_end else self._offset + checked
-        for sid, epoch, checkpoint in found:
-            host.activate(sid, Lease(inc, epoch), checkpoint, "takeover")
+        for sid, epoch, checkpoint, reason in found:
+            host.activate(sid, Lease(inc, epoch), checkpoint, reason)
         if found:
             self.adopted += len(found)
             log.info("adopted %d orphaned sessions", len(found))

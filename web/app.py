@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -62,21 +63,41 @@ class Services:
     task_group: anyio.abc.TaskGroup | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # Ends the process once a drain of the last instance is done (set by `kairos serve`).
+    stop: Callable[[], None] | None = None
+
+    async def drain_plan(self) -> tuple[list[str], str]:
+        """Live non-draining other instances, and what a drain here will do, in words."""
+        me = self.host.incarnation
+        others = [i["incarnation"] for i in await self.host.instances()
+                  if not i.get("draining") and i["incarnation"] != me]
+        if others:
+            return others, (f"handing sessions off to {len(others)} other instance(s); this process "
+                            "forwards what still reaches it until it is stopped")
+        return others, "no other instance: exiting after checkpoint"
+
     async def drain(self) -> None:
-        """Stop taking sessions, hand leases off, tell WebSocket clients to reconnect (1012)."""
+        """Stop taking sessions, hand leases off, tell WebSocket clients to reconnect (1012).
+        With no other instance to take the sessions, release them and end the process."""
         if self.draining:
             return
         self.draining = True
-        log.info("draining")
+        started = time.monotonic()
+        others: list[str] = []
         if self.host is not None:
+            try:
+                others, plan = await self.drain_plan()
+            except Exception as e:  # Redis unreachable: nobody can take anything over anyway
+                plan = f"instance list unreadable ({e!r}): exiting after the drain timeout"
+            log.info("draining", plan=plan, actors=self.host.actor_count())
             with anyio.move_on_after(self.settings.drain_timeout_s):
-                try:
-                    await self.host.drain()
-                except NotImplementedError:
-                    log.warning("host cannot hand leases off yet; they expire with our liveness")
+                await self.host.drain()
         if self.relays is not None:
             await self.relays.close_all(1012, "Service restart")
-        log.info("drained")
+        log.info("drained", ms=round((time.monotonic() - started) * 1000),
+                 left=self.host.actor_count() if self.host is not None else 0)
+        if not others and self.stop is not None:
+            self.stop()
 
 
 def create_app(settings: Settings) -> Quart:
@@ -126,8 +147,10 @@ def create_app(settings: Settings) -> Quart:
             gc.freeze()
             log.info("serving", instance_id=svc.instance_id)
             yield
+            started = time.monotonic()
             if svc.relays is not None:
                 await svc.relays.close_all(1001, "Server shutting down")
+        log.info("stopped background tasks", ms=round((time.monotonic() - started) * 1000))
 
     return app
 

@@ -1,42 +1,40 @@
-"""The `kairos` command: `serve [--workers N]`, `token --sub S`, `drain [--url U]`, `migrate`."""
+"""The `kairos` command: `serve [--workers N]`, `token --sub S`, `drain [--url U]`, `migrate`.
+
+A bad setting or a refused start prints one line per problem and exits 2 before anything binds.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-from typing import Any
+from typing import Any, NoReturn
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import structlog
 
-from web.logging import configure_logging
-from web.settings import Settings
+from web.logging import configure_logging, set_instance
+from web.settings import Settings, SettingsError, load
 
 log = structlog.get_logger("kairos.cli")
+
+ROLES = ("admin",)  # the roles web.auth grants anything to
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `kairos` console script."""
-    parser = argparse.ArgumentParser(prog="kairos", description="Kairos timer service")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("serve", help="run the HTTP + WebSocket service")
-    p.add_argument("--workers", type=int, default=None, help="instances (processes) sharing Redis")
-    p.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)  # worker: inherited socket
-    p = sub.add_parser("token", help="mint a JWT with the configured secret (local use)")
-    p.add_argument("--sub", required=True)
-    p.add_argument("--role", default=None)
-    p.add_argument("--ttl", type=int, default=3600)
-    p = sub.add_parser("drain", help="ask an instance to drain (POST /admin/drain)")
-    p.add_argument("--url", default=None, help="instance base URL (default: this host's port)")
-    p.add_argument("--token", default=None, help="admin token (default: mint one locally)")
-    sub.add_parser("migrate", help="apply pending audit database migrations")
-    args = parser.parse_args(argv)
-    settings = Settings()
+    args = _parser().parse_args(argv)
+    try:
+        settings = load()
+    except SettingsError as e:
+        _refuse(str(e))
     configure_logging(settings.log_level, settings.log_format)
     if args.cmd == "serve":
         serve(settings, args.workers or settings.workers, args.fd)
@@ -50,18 +48,89 @@ def main(argv: list[str] | None = None) -> None:
         migrate(settings)
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kairos", description="Kairos timer service. Settings come from KAIROS_* environment "
+        "variables (docs/configuration.md).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p = sub.add_parser("serve", help="run the HTTP + WebSocket service",
+                       description="Run the service; embedded Redis/PostgreSQL when their URLs are unset.")
+    p.add_argument("--workers", type=_positive, default=None, metavar="N",
+                   help="instance processes sharing this port and Redis (default: KAIROS_WORKERS, 1)")
+    p.add_argument("--fd", type=int, default=None, help=argparse.SUPPRESS)  # worker: inherited socket
+    p = sub.add_parser("token", help="mint a JWT with the configured secret (local use)",
+                       description="Print a token signed with KAIROS_JWT_SECRET or the local secret.")
+    p.add_argument("--sub", required=True, help="the caller's identity (the token's `sub` claim)")
+    p.add_argument("--role", default=None, choices=ROLES, help="grant a role (admin: the /admin routes)")
+    p.add_argument("--ttl", type=_positive, default=3600, metavar="SECONDS",
+                   help="lifetime in seconds (default 3600)")
+    p = sub.add_parser("drain", help="ask an instance to drain (POST /admin/drain)",
+                       description="Drain an instance: hand its sessions off (a lone instance exits).")
+    p.add_argument("--url", default=None, help="instance base URL (default: http://127.0.0.1:KAIROS_PORT)")
+    p.add_argument("--token", default=None, help="admin token (default: mint one with the local secret)")
+    sub.add_parser("migrate", help="apply pending audit database migrations",
+                   description="Apply pending PostgreSQL migrations (embedded PostgreSQL when "
+                   "KAIROS_DATABASE_URL is unset).")
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
+    return value
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kairos")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _refuse(message: str) -> NoReturn:
+    """Stop before binding anything: the message on stderr, no traceback, status 2."""
+    for line in message.splitlines():
+        print(f"kairos: {line}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def serve(settings: Settings, workers: int, fd: int | None = None) -> None:
     """Run one instance here, or `workers` instance processes sharing one listening socket."""
     from web import embedded
     from web.auth import local_secret
 
+    problems = settings.production_problems()
+    if problems:
+        _refuse("KAIROS_ENV=production refuses embedded servers and a generated secret (a "
+                "container's files are lost on redeploy): " + "; ".join(problems))
+    log.info("configuration", env=settings.env, sources=settings.sources(), data_dir=settings.data_dir,
+             redis=_redact(settings.redis_url), database=_redact(settings.database_url))
     if settings.auth_enabled and not settings.jwt_public_key:
         local_secret(settings)  # create the local secret once, before workers race for it
-    with embedded.servers(settings) as resolved:
-        if workers <= 1:
-            run_instance(resolved, fd)
-        else:
-            run_workers(resolved, workers)
+    try:
+        with embedded.servers(settings) as resolved:
+            if workers <= 1:
+                run_instance(resolved, fd)
+            else:
+                run_workers(resolved, workers)
+    except embedded.Refused as e:
+        _refuse(str(e))
+
+
+def _redact(url: str | None) -> str | None:
+    """A URL without its password (for the log)."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def run_instance(settings: Settings, fd: int | None = None) -> None:
@@ -85,20 +154,24 @@ async def _serve(settings: Settings, fd: int | None) -> None:
     hypercorn_ws.apply()
     app = create_app(settings)
     svc = app.extensions["kairos"]
-    configure_logging(settings.log_level, settings.log_format, svc.instance_id)
+    set_instance(svc.instance_id)
     config = Config()
     config.bind = [f"fd://{fd}"] if fd is not None else [f"{settings.host}:{settings.port}"]
     config.websocket_ping_interval = settings.ws_heartbeat_s
     config.websocket_max_message_size = settings.ws_max_frame_bytes
     config.accesslog = None  # our own access log (which skips health and metrics)
+    config.errorlog = logging.getLogger("hypercorn.error")  # a logger object: our handler, no other
     config.loglevel = settings.log_level.upper()
     config.graceful_timeout = max(1.0, settings.drain_timeout_s)
     config.keep_alive_timeout = 75
     config.keep_alive_max_requests = 100_000  # Hypercorn's 1000 makes busy clients reconnect
     stop = anyio.Event()
+    svc.stop = stop.set  # a drain with nobody to hand sessions to ends the process
+
+    listening = anyio.CancelScope()
 
     async def on_signals() -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with listening, anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal received: draining, then stopping", signal=signum)
                 with anyio.move_on_after(settings.drain_timeout_s + 2):
@@ -108,9 +181,12 @@ async def _serve(settings: Settings, fd: int | None) -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(on_signals)
-        # Returns once `stop` is set; on_signals has finished by then, so nothing needs cancelling
-        # (cancelling this scope from here trips over Hypercorn's own asyncio TaskGroup).
+        # Returns once `stop` is set and the lifespan (background tasks) has ended.
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        # A drain stopped us, not a signal: stop listening. (Only this scope: cancelling the
+        # task group's trips over Hypercorn's own asyncio TaskGroup.)
+        listening.cancel()
+    log.info("http server stopped")
 
 
 def run_workers(settings: Settings, workers: int) -> None:
@@ -118,7 +194,8 @@ def run_workers(settings: Settings, workers: int) -> None:
     sock = socket.create_server((settings.host, settings.port), reuse_port=False, backlog=1024)
     sock.set_inheritable(True)
     env = {**os.environ}
-    env.update({"KAIROS_REDIS_URL": settings.redis_url or "", "KAIROS_DATABASE_URL": settings.database_url or ""})
+    env.update({"KAIROS_REDIS_URL": settings.redis_url or "", "KAIROS_DATABASE_URL": settings.database_url or "",
+                "KAIROS_DATA_DIR": settings.data_dir})
     procs: list[subprocess.Popen[bytes]] = []
     for i in range(workers):
         wenv = dict(env)

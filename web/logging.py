@@ -1,42 +1,78 @@
-"""structlog configuration: JSON lines (console on a terminal) with request/session/instance ids.
+"""One log stream: structlog and every stdlib logger (Hypercorn, asyncpg, httpx, `actors.*`,
+warnings) rendered by structlog's stdlib bridge, as JSON lines (production) or key=value
+(console, on a terminal), on stderr.
 
-Ids travel in contextvars (`bind_contextvars`), so every log line of a request carries them.
+Ids travel in contextvars (`bind_contextvars`), so every log line of a request carries them; the
+instance id is added to every line once it is known (`set_instance`).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
+_instance: dict[str, str] = {}
+
 
 def configure_logging(level: str = "info", fmt: str | None = None, instance_id: str | None = None) -> None:
-    """Set up structlog and stdlib logging once per process."""
+    """Route structlog and the stdlib root logger through one formatter (idempotent)."""
     lvl = logging.getLevelName(level.upper())
     if not isinstance(lvl, int):
         lvl = logging.INFO
     if fmt is None:
         fmt = "console" if sys.stderr.isatty() else "json"
-    renderer = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
-    )
-    processors = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-    ]
     if instance_id:
-        processors.insert(1, _add_instance(instance_id))
+        set_instance(instance_id)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.ExtraAdder(),
+        structlog.stdlib.PositionalArgumentsFormatter(),
+        _add_instance,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer()
+    else:
+        shared.append(structlog.processors.format_exc_info)  # tracebacks as a field of the line
+        renderer = structlog.processors.JSONRenderer()
+    structlog.reset_defaults()
     structlog.configure(
-        processors=[*processors, renderer],
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    # Library loggers (hypercorn errors, asyncio) go to stderr at the same level.
-    logging.basicConfig(level=lvl, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(lvl)
+    # Hypercorn gets these logger objects (not "-"), so it adds no handler of its own.
+    for name in ("hypercorn.error", "hypercorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers = []
+        lg.propagate = True
+    logging.captureWarnings(True)
+
+
+def set_instance(instance_id: str) -> None:
+    """Label every later line with this instance id."""
+    _instance["instance_id"] = instance_id
+
+
+def _add_instance(_logger: object, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    if _instance:
+        event.setdefault("instance_id", _instance["instance_id"])
+    return event
 
 
 class _CurrentStderr:
@@ -47,11 +83,3 @@ class _CurrentStderr:
 
     def flush(self) -> None:
         sys.stderr.flush()
-
-
-def _add_instance(instance_id: str):  # noqa: ANN202 - structlog processor
-    def add(_logger: object, _name: str, event: dict) -> dict:
-        event.setdefault("instance_id", instance_id)
-        return event
-
-    return add

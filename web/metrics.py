@@ -32,10 +32,14 @@ WS_DROPPED = Counter("kairos_ws_dropped_total", "Sockets dropped because their s
 ACTORS_ACTIVE = Gauge("kairos_actors_active", "Session actors live on this instance")
 
 
-def observe_command(host: Any, session_id: str, command: str, seconds: float) -> None:
-    """Record a command's latency, labelled `local` when this instance ran the session's actor
-    (already live, or activated by this command) and `forwarded` when another instance owns it."""
-    path = "local" if host.local_actor(session_id) is not None else "forwarded"
+def observe_command(host: Any, session_id: str, command: str, seconds: float, reply: Any = None) -> None:
+    """Record a command's latency, labelled `forwarded` when another instance's actor answered it
+    and `local` when this instance's did (already live, or activated by this command — also when
+    the command ended it, e.g. a delete). Without a reply (it failed): `local` if the actor is here."""
+    if reply is not None:
+        path = "forwarded" if reply.forwarded else "local"
+    else:
+        path = "local" if host.local_actor(session_id) is not None else "forwarded"
     COMMAND_SECONDS.labels(command, path).observe(seconds)
 
 

@@ -131,6 +131,7 @@ def authenticate() -> A.Caller:
     """The request's caller (raises Unauthorized); counts the request against its general limit."""
     svc = services()
     caller = svc.auth.caller(request.headers.get("Authorization"))
+    structlog.contextvars.bind_contextvars(sub=caller.sub)  # on every later line (access log too)
     quota = svc.limiter.hit(caller.sub if svc.auth.enabled else client_address())
     if quota is not None:
         # after_request adds the RateLimit-* headers to whatever the route answers.
@@ -147,10 +148,12 @@ async def ask(sid: str, command: Any, name: str) -> Any:
     """Run `command` on the session's actor, timing it for the command metrics."""
     host = services().host
     start = time.perf_counter()
+    reply = None
     try:
-        return await host.ask(sid, command)
+        reply = await host.ask(sid, command)
+        return reply
     finally:
-        metrics.observe_command(host, sid, name, time.perf_counter() - start)
+        metrics.observe_command(host, sid, name, time.perf_counter() - start, reply)
 
 
 async def load(sid: str) -> Any:
@@ -427,13 +430,15 @@ async def delete_device(token: str) -> Response:
 @document_response(S.DrainEnvelope, 202)
 @documented(401, 403, 429)
 async def admin_drain() -> Response:
-    """Drain this instance (admin): hand off leases, close sockets with 1012."""
+    """Drain this instance (admin): hand off leases, close sockets with 1012; `plan` says what
+    happens next (a lone instance releases its sessions and exits)."""
     caller = authenticate()
     A.require_admin(caller)
     svc = services()
     assert svc.task_group is not None
+    _, plan = await svc.drain_plan()
     svc.task_group.start_soon(svc.drain)
-    return json_response({"data": {"status": "draining", "instance_id": svc.instance_id}}, 202)
+    return json_response({"data": {"status": "draining", "instance_id": svc.instance_id, "plan": plan}}, 202)
 
 
 @bp.get("/admin/instances")
@@ -470,12 +475,13 @@ async def bind_ids() -> None:
     """Bind request (and session) ids to the log context; note the start time."""
     req = request._get_current_object()  # one proxy lookup instead of one per attribute
     structlog.contextvars.clear_contextvars()
-    rid = req.headers.get("X-Request-Id") or f"{time.monotonic_ns():x}"
+    rid = (req.headers.get("X-Request-Id") or f"{time.monotonic_ns():x}")[:64]
+    req._kairos_rid = rid  # type: ignore[attr-defined]  # echoed in the response
     sid = (req.view_args or {}).get("session_id")
     if sid is not None:
-        structlog.contextvars.bind_contextvars(request_id=rid[:64], session_id=sid[:64])
+        structlog.contextvars.bind_contextvars(request_id=rid, session_id=sid[:64])
     else:
-        structlog.contextvars.bind_contextvars(request_id=rid[:64])
+        structlog.contextvars.bind_contextvars(request_id=rid)
     req._kairos_t0 = time.perf_counter()  # type: ignore[attr-defined]
 
 
@@ -488,8 +494,12 @@ async def access_log(response: Response) -> Response:
     quota = getattr(req, "_kairos_quota", None)
     if quota is not None:
         response.headers.update(quota.headers())
+    rid = getattr(req, "_kairos_rid", None)
+    if rid is not None:
+        response.headers["X-Request-Id"] = rid
     if current_app.config[_ACCESS_LOG] and req.path not in _NO_ACCESS_LOG:
         t0 = getattr(req, "_kairos_t0", None)
         log.info("request", method=req.method, path=req.path, status=response.status_code,
-                 ms=round((time.perf_counter() - t0) * 1000, 3) if t0 else None)
+                 ms=round((time.perf_counter() - t0) * 1000, 3) if t0 else None,
+                 client=client_address(), user_agent=req.headers.get("User-Agent"))
     return response

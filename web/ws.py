@@ -241,7 +241,8 @@ def register_ws(app: Quart, svc: Services) -> None:
         queue = svc.settings.ws_send_queue
         sock = GatedSocket(queue, caller) if gated else Socket(queue)
         metrics.WS_CONNECTIONS.inc()
-        structlog.contextvars.bind_contextvars(session_id=sid)
+        structlog.contextvars.bind_contextvars(session_id=sid, sub=caller.sub)
+        log.info("websocket connected", client=_peer(svc), user_agent=websocket.headers.get("User-Agent"))
         try:
             await relays.join(sid, sock)
             await websocket.send(_dumps({"type": "CONNECTED", "sessionId": sid, "timestamp": clock()}))
@@ -256,6 +257,8 @@ def register_ws(app: Quart, svc: Services) -> None:
                 await websocket.close(sock.close_code, sock.close_reason)
         finally:
             metrics.WS_CONNECTIONS.dec()
+            # close code None: the client went away (or its connection dropped)
+            log.info("websocket disconnected", code=sock.close_code, reason=sock.close_reason)
             sock.send_stream.close()
             with anyio.CancelScope(shield=True):  # a disconnect cancels us; still unsubscribe
                 await relays.leave(sid, sock)
@@ -347,7 +350,7 @@ async def _command(svc: Services, sid: str, caller: A.Caller, kind: str, msg: di
                    "COMPLETE": C.Complete, "CANCEL": C.Cancel}[kind](command_id=request_id)
         t0 = time.perf_counter()
         reply = await svc.host.ask(sid, cmd)
-        metrics.observe_command(svc.host, sid, kind.lower(), time.perf_counter() - t0)
+        metrics.observe_command(svc.host, sid, kind.lower(), time.perf_counter() - t0, reply)
         if kind == "SWITCH":
             data = wire.switch_result_json(reply.state, reply.now_ms,
                                            reply.outcome.get("expired_participant_id"))

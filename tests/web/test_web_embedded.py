@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import httpx
 import pytest
@@ -24,6 +26,10 @@ def test_serve_without_urls_starts_embedded_redis_and_postgres(key_prefix: str) 
         assert r.status_code == 201
         data_dir = srv.env["KAIROS_DATA_DIR"]
     assert srv.proc is not None and srv.proc.returncode == 0
+    # one stream: every line JSON; pgserver's initdb dump went to a file under the data dir
+    for line in srv.log_path.read_text().splitlines():
+        json.loads(line)
+    assert "initdb" in (Path(data_dir) / "embedded.log").read_text()
     # the embedded PostgreSQL was stopped with the service
     leftovers = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).find(data_dir) >= 0]
     assert leftovers == []
