@@ -1,41 +1,17 @@
-"""Clients for the failover suite: a switch loop that retries with the same Idempotency-Key, a
-WebSocket watcher that reconnects elsewhere and re-syncs, and a log of a session's Redis channel
-(every accepted write is published there, inside the fenced script)."""
+"""Clients for the failover suite: the switch loop and WebSocket watcher (shared with the failover
+bench, in `bench/loops.py`), an owner lookup, and a log of a session's Redis channel (every
+accepted write is published there, inside the fenced script)."""
 
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from typing import Any
 
 import anyio
 import httpx
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from actors.keys import Keys
-from tests.waiting import eventually as wait_until  # noqa: F401 (re-exported)
-
-
-def session_body(bank_ms: int = 300_000, n: int = 2) -> dict[str, Any]:
-    """A per_participant session with `n` participants of `bank_ms` each."""
-    return {
-        "session_id": str(uuid.uuid4()),
-        "sync_mode": "per_participant",
-        "participants": [{"participant_id": str(uuid.uuid4()), "total_time_ms": bank_ms} for _ in range(n)],
-        "total_time_ms": bank_ms * n,
-    }
-
-
-async def create_running(http: httpx.AsyncClient, url: str, bank_ms: int = 300_000) -> dict[str, Any]:
-    """Create and start a session through `url` (that instance claims it); the started state."""
-    body = session_body(bank_ms)
-    r = await http.post(f"{url}/v1/sessions", json=body)
-    assert r.status_code == 201, r.text
-    r = await http.post(f"{url}/v1/sessions/{body['session_id']}/start")
-    assert r.status_code == 200, r.text
-    return r.json()["data"]
+from bench.loops import Switcher, Watcher, create_running, wait_until  # noqa: F401 (re-exported)
 
 
 async def owner_of(http: httpx.AsyncClient, url: str, sid: str, admin: dict[str, str]) -> str | None:
@@ -48,109 +24,6 @@ async def owner_of(http: httpx.AsyncClient, url: str, sid: str, admin: dict[str,
 
 def total_cycles(state: dict[str, Any]) -> int:
     return sum(p["cycle_count"] for p in state["participants"])
-
-
-class Switcher:
-    """Loops switches of one session through `urls` (round robin). A failed attempt is retried
-    with the same Idempotency-Key until acknowledged, so each key counts once."""
-
-    def __init__(self, http: httpx.AsyncClient, sid: str, urls: list[str]) -> None:
-        self.http, self.sid, self.urls = http, sid, urls
-        self.acked: list[tuple[float, int]] = []  # (monotonic time of the 200, version)
-        self.failures: list[str] = []  # every non-200 answer or transport error, in order
-        self.stopped = anyio.Event()
-        self.done = anyio.Event()
-        self._n = 0
-
-    async def stop(self, within: float = 15) -> None:
-        """Let the key in hand be acknowledged, then stop."""
-        self.stopped.set()
-        with anyio.fail_after(within):
-            await self.done.wait()
-
-    async def run(self) -> None:
-        try:
-            await self._loop()
-        finally:
-            self.done.set()
-
-    async def _loop(self) -> None:
-        i = 0
-        while not self.stopped.is_set():
-            key = f"{self.sid[:8]}-{self._n}"
-            while True:
-                url = self.urls[i % len(self.urls)]
-                i += 1
-                try:
-                    r = await self.http.post(f"{url}/v1/sessions/{self.sid}/switch",
-                                             headers={"Idempotency-Key": key})
-                except httpx.HTTPError as e:
-                    self.failures.append(f"{url}: {e!r}")
-                    continue
-                if r.status_code == 200:
-                    self.acked.append((time.monotonic(), r.json()["data"]["version"]))
-                    break
-                self.failures.append(f"{url}: {r.status_code} {r.text[:200]}")
-            self._n += 1
-
-    def acks_after(self, t: float) -> int:
-        return sum(1 for at, _ in self.acked if at > t)
-
-    def longest_gap(self) -> float:
-        times = [at for at, _ in self.acked]
-        return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
-
-
-class Watcher:
-    """A WebSocket client of one session. On a close it reconnects to the next URL of `urls` and
-    sends RECONNECT (the server answers STATE_SYNC); a version gap also asks for a re-sync."""
-
-    def __init__(self, sid: str, urls: list[str], token: str) -> None:
-        self.sid, self.urls, self.token = sid, urls, token
-        self.frames: list[tuple[str, dict[str, Any]]] = []  # (url, frame) in arrival order
-        self.closes: list[tuple[str, int | None]] = []  # (url, close code)
-        self.versions: list[int] = []  # state versions seen, in arrival order
-        self.connected = anyio.Event()
-        self.stopped = False
-
-    @property
-    def last_version(self) -> int | None:
-        return self.versions[-1] if self.versions else None
-
-    async def run(self) -> None:
-        i = 0
-        while not self.stopped:
-            url = self.urls[i % len(self.urls)]
-            try:
-                async with connect(f"{url}?sessionId={self.sid}&token={self.token}",
-                                   open_timeout=5, compression=None) as ws:
-                    first = json.loads(await ws.recv())
-                    if first.get("type") != "CONNECTED":  # e.g. a draining instance refusing us
-                        raise ConnectionClosed(None, None)
-                    if self.versions:
-                        await ws.send(json.dumps({"type": "RECONNECT", "last_version": self.last_version}))
-                    self.connected.set()
-                    async for raw in ws:
-                        frame = json.loads(raw)
-                        self.frames.append((url, frame))
-                        await self._on_frame(ws, frame)
-                    self.closes.append((url, ws.close_code))
-            except (ConnectionClosed, OSError, TimeoutError) as e:
-                code = getattr(getattr(e, "rcvd", None), "code", None)
-                self.closes.append((url, code))
-            i += 1
-
-    async def _on_frame(self, ws: Any, frame: dict[str, Any]) -> None:
-        version = (frame.get("state") or {}).get("version")
-        if not isinstance(version, int) or frame.get("type") not in ("STATE_UPDATE", "STATE_SYNC"):
-            return
-        last = self.last_version
-        if frame["type"] == "STATE_UPDATE" and last is not None and version > last + 1:
-            await ws.send(json.dumps({"type": "RECONNECT", "last_version": last}))
-        self.versions.append(version)
-
-    def of_type(self, kind: str) -> list[dict[str, Any]]:
-        return [f for _, f in self.frames if f.get("type") == kind]
 
 
 class ChannelLog:
