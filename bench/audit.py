@@ -1,4 +1,4 @@
-"""`python -m bench audit`: how fast the audit trail goes into PostgreSQL.
+"""How fast the audit trail goes into PostgreSQL (events/s, as ratios to one-by-one inserts).
 
 Real update messages (built by the domain core for chess-clock sessions: create, start, switches)
 are measured three ways, each into a fresh database:
@@ -25,6 +25,9 @@ from actors.keys import Keys
 from actors.outbox.audit import AuditWorker, prepare_connection, write_batch
 from actors.outbox.consumer import decode_entry
 from actors.outbox.migrations import migrate
+from bench.report import BenchError, Report
+from bench.servers import stores
+from bench.target import add_store_arguments
 from kairos import rules, wire
 from kairos.commands import Create, ParticipantSpec, Start, Switch
 
@@ -119,31 +122,43 @@ async def end_to_end(redis_url: str, url: str, msgs: list[bytes], batch: int) ->
         await client.aclose()
 
 
-async def run(args: argparse.Namespace) -> None:
+async def _run(args: argparse.Namespace, report: Report, redis_url: str, admin_url: str) -> None:
     msgs = messages(args.messages, args.sessions)
     size = sum(len(m) for m in msgs) / len(msgs)
-    print(f"{len(msgs)} update messages over {args.sessions} sessions, {size:.0f} bytes each on average")
-    for name, job in (
-        ("one message per transaction", lambda url: batched(url, msgs[: args.row_sample], 1)),
-        (f"batched write (batch {args.batch})", lambda url: batched(url, msgs, args.batch)),
-        (f"end to end (batch {args.batch})", lambda url: end_to_end(args.redis, url, msgs, args.batch)),
-    ):
-        url = await _fresh_database(args.pg)
+    report.note(f"{len(msgs)} update messages over {args.sessions} sessions, {size:.0f} bytes each on average")
+    steps = (
+        ("one_by_one", "one message per transaction (baseline)", lambda url: batched(url, msgs[: args.row_sample], 1)),
+        ("batched", f"batched write (batch {args.batch})", lambda url: batched(url, msgs, args.batch)),
+        ("end_to_end", f"end to end (batch {args.batch})", lambda url: end_to_end(redis_url, url, msgs, args.batch)),
+    )
+    for name, label, job in steps:
+        report.step(label)
+        url = await _fresh_database(admin_url)
         try:
             rows, elapsed = await job(url)
         finally:
-            await _drop_database(args.pg, url)
-        print(f"{name:<34} {rows:>8} events in {elapsed:6.2f} s = {rows / elapsed:>9,.0f} events/s")
+            await _drop_database(admin_url, url)
+        report.value(f"{name}_events_per_s", rows / elapsed, "/s", label,
+                     baseline=None if name == "one_by_one" else "one_by_one_events_per_s")
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench audit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL")
-    p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres",
-                   help="PostgreSQL admin URL (a fresh database is created and dropped per step)")
-    p.add_argument("--messages", type=int, default=50_000)
-    p.add_argument("--sessions", type=int, default=500)
-    p.add_argument("--batch", type=int, default=1000)
+QUICK: dict[str, Any] = {"messages": 3000, "sessions": 100, "row_sample": 300}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `bench audit`."""
+    p.add_argument("--messages", type=int, default=50_000, help="update messages to store")
+    p.add_argument("--sessions", type=int, default=500, help="sessions the messages are spread over")
+    p.add_argument("--batch", type=int, default=1000, help="messages per transaction")
     p.add_argument("--row-sample", type=int, default=3000, help="messages for the one-by-one baseline")
-    anyio.run(run, p.parse_args(argv))
+    add_store_arguments(p)
+
+
+def run(args: argparse.Namespace, report: Report) -> None:
+    """Each step into a fresh database on the --database-url server (created and dropped here)."""
+    if min(args.messages, args.sessions, args.batch, args.row_sample) < 1:
+        raise BenchError("--messages, --sessions, --batch and --row-sample must be positive")
+    with stores(args.redis_url, args.database_url) as (redis_url, admin_url):
+        assert admin_url is not None
+        report.redis_url, report.database_url = redis_url, admin_url
+        anyio.run(_run, args, report, redis_url, admin_url)

@@ -1,18 +1,23 @@
-"""Checkpoint codec timing: encode+decode of a 2-participant and a 1000-participant session.
+"""Checkpoint codec CPU time: encode and decode of a 2- and a 1000-participant session.
 
-`python -m bench codec [--rounds N]` prints p50/p99 microseconds per encode, decode and both,
-and the encoded size. The sessions are mid-game (running, switched, idempotency window full).
+The sessions are mid-game (running, switched, idempotency window full). Baseline: the stdlib
+JSON round trip (dumps + loads) of the same session's wire form, measured in turn with them.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import time
+from typing import Any
 
+from bench.report import BenchError, Report
 from kairos import Create, ParticipantSpec, Start, Switch, apply, decode, encode
 from kairos.rules import IDEMPOTENCY_WINDOW
 from kairos.session import Session
+from kairos.wire import session_json
+
+QUICK: dict[str, Any] = {"rounds": 300}
 
 T0 = 1_795_899_845_123
 
@@ -31,12 +36,11 @@ def _session(n: int) -> Session:
     return s
 
 
-def _p(samples: list[float], q: float) -> float:
-    return statistics.quantiles(samples, n=100)[int(q) - 1] if len(samples) > 1 else samples[0]
-
-
 def _measure(state: Session, rounds: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"encode": [], "decode": [], "both": []}
+    """Per round: encode, decode, both, and the baseline (stdlib JSON of the session's wire form,
+    dumps + loads) — microseconds."""
+    out: dict[str, list[float]] = {"encode": [], "decode": [], "both": [], "json": []}
+    wire_form = session_json(state, T0 + 60_000)
     clock = time.perf_counter_ns
     for _ in range(rounds):
         t0 = clock()
@@ -44,29 +48,32 @@ def _measure(state: Session, rounds: int) -> dict[str, list[float]]:
         t1 = clock()
         decode(blob)
         t2 = clock()
+        json.loads(json.dumps(wire_form))
+        t3 = clock()
         out["encode"].append((t1 - t0) / 1000)
         out["decode"].append((t2 - t1) / 1000)
         out["both"].append((t2 - t0) / 1000)
+        out["json"].append((t3 - t2) / 1000)
     return out
 
 
-def main(argv: list[str]) -> None:
-    """Print encode/decode p50 and p99 (µs) for 2 and 1000 participants."""
-    ap = argparse.ArgumentParser(prog="python -m bench codec")
-    ap.add_argument("--rounds", type=int, default=2000)
-    args = ap.parse_args(argv)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `bench codec`."""
+    p.add_argument("--rounds", type=int, default=2000,
+                   help="rounds for 2 participants (1000 participants: a tenth, at least 50)")
+
+
+def run(args: argparse.Namespace, report: Report) -> None:
+    """Encode/decode latencies (µs) for 2 and 1000 participants, next to the JSON baseline."""
+    if args.rounds < 1:
+        raise BenchError("--rounds must be positive")
     for n in (2, 1000):
         state = _session(n)
         rounds = args.rounds if n < 100 else max(50, args.rounds // 10)
+        report.step(f"{n} participants: {rounds} rounds")
         _measure(state, min(rounds, 50))  # warm-up
         m = _measure(state, rounds)
-        size = len(encode(state))
-        cells = "  ".join(f"{k} p50 {_p(v, 50):8.1f} µs p99 {_p(v, 99):8.1f} µs"
-                          for k, v in m.items())
-        print(f"participants={n:<5} bytes={size:<7} rounds={rounds:<5} {cells}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    main(sys.argv[1:])
+        report.latency(f"json_{n}", m["json"], f"{n} participants: stdlib JSON (baseline)", unit="us")
+        for k in ("encode", "decode", "both"):
+            report.latency(f"{k}_{n}", m[k], f"{n} participants: {k}", unit="us", baseline=f"json_{n}")
+        report.value(f"bytes_{n}", len(encode(state)), "B", f"{n} participants: checkpoint size")

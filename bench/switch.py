@@ -1,15 +1,14 @@
-"""`python -m bench switch`: switch latency and throughput over HTTP and WebSocket.
+"""Switch latency and throughput of one server (a Kairos started here, or --url).
 
-Starts a real `kairos serve` (tests/servers.py; embedded Redis/PostgreSQL unless --redis-url /
---database-url are given) or uses --url. Measures, with a minimal keep-alive HTTP/1.1 client so the
-client costs as little as possible on a 2-core machine:
+1. sequential, one keep-alive connection, each round: POST switch, GET the session, GET /health
+   (the baseline: the same client and connection, no store behind it) and, where Redis is known,
+   a raw Redis PING (the store's own round trip);
+2. concurrent: --connections connections switching --sessions sessions for --seconds (at most
+   --max-requests): switches/s, latency, and the server's CPU per switch (/proc; own server or --pid);
+3. WebSocket SWITCH -> ACK round trip, next to PING -> PONG on the same socket (Kairos' WebSocket
+   commands; --no-ws skips it for servers without them).
 
-1. sequential HTTP switch p50/p99 and GET /health p50, interleaved on the same connection;
-2. concurrent switches over 64 sessions with 16 connections: requests/s, p50/p99;
-3. WebSocket SWITCH command round trip (send -> ACK) p50/p99.
-
-Targets (issue 4): switch p50 <= 1.5 x health p50; switch p99 <= 4 x switch p50; WS p50 <= 1 ms;
->= 1000 switches/s at 16 connections.
+Rate limits of a server started here are off; a --url server should run without them.
 """
 
 from __future__ import annotations
@@ -17,216 +16,175 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
-import sys
 import time
-import uuid
-from pathlib import Path
+from collections import Counter
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.client import RawHttp, RawRedis, check_errors, start_session
+from bench.report import BenchError, Report
+from bench.servers import process_cpu_s
+from bench.target import Target, add_target_arguments, check_target_arguments, kairos
+
+QUICK: dict[str, Any] = {"n": 300, "seconds": 1.5}
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User+system CPU time of a process and its children so far (Linux /proc), or 0."""
-    if pid is None:
-        return 0.0
-    import os
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `bench switch`."""
+    p.add_argument("-n", type=int, default=3000, help="sequential rounds (and WebSocket round trips)")
+    p.add_argument("--seconds", type=float, default=8.0, help="length of the concurrent phase")
+    p.add_argument("--max-requests", type=int, default=200_000, help="cap on concurrent-phase requests")
+    p.add_argument("--sessions", type=int, default=64, help="sessions switched in the concurrent phase")
+    p.add_argument("--connections", type=int, default=16, help="connections in the concurrent phase")
+    p.add_argument("--no-ws", action="store_true", help="skip the WebSocket phase")
+    add_target_arguments(p)
 
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Sizes must be positive; target options must agree."""
+    check_target_arguments(args)
+    if min(args.n, args.sessions, args.connections, args.max_requests) < 1 or args.seconds <= 0:
+        raise BenchError("-n, --seconds, --max-requests, --sessions and --connections must be positive")
+
+
+async def sequential(target: Target, n: int, sessions: int = 1, warmup: int = 100) -> dict[str, list[float]]:
+    """`n` rounds of switch, GET session, GET /health and raw Redis PING (if known), interleaved
+    so all see the same load; switches rotate over `sessions` sessions. Milliseconds."""
+    conn = await RawHttp(target.url, target.token).open()
+    redis = await RawRedis(target.redis_url).open() if target.redis_url else None
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    ticks = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    kids = children.read_text().split() if children.exists() else []
-    return ticks / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(int(k)) for k in kids)
+        sids = [await start_session(conn) for _ in range(sessions)]
+        out: dict[str, list[float]] = {"switch": [], "get": [], "health": [], "redis_ping": []}
+        errors: Counter[int] = Counter()
+        for i in range(warmup + n):
+            sid = sids[i % len(sids)]
+            st, sw = await conn.timed("POST", f"/v1/sessions/{sid}/switch")
+            sg, get = await conn.timed("GET", f"/v1/sessions/{sid}")
+            sh, health = await conn.timed("GET", "/health")
+            ping = await redis.ping_ms() if redis is not None else None
+            for s in (st, sg, sh):
+                if s != 200:
+                    errors[s] += 1
+            if i >= warmup:
+                out["switch"].append(sw)
+                out["get"].append(get)
+                out["health"].append(health)
+                if ping is not None:
+                    out["redis_ping"].append(ping)
+        check_errors(f"{target.label} sequential", errors, 3 * (warmup + n))
+        return out
+    finally:
+        conn.close()
+        if redis is not None:
+            redis.close()
 
 
-def pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
-class RawHttp:
-    """One keep-alive HTTP/1.1 connection; just enough protocol for these requests."""
-
-    def __init__(self, host: str, port: int, token: str) -> None:
-        self.host, self.port, self.token = host, port, token
-
-    async def open(self) -> RawHttp:
-        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        return self
-
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {self.token}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-        self.writer.write(head.encode() + body)
-        status_line = await self.reader.readline()
-        if not status_line:  # the server closed the keep-alive connection: reopen, resend once
-            await self.open()
-            self.writer.write(head.encode() + body)
-            status_line = await self.reader.readline()
-        status = int(status_line.split()[1])
-        length = 0
-        while True:
-            line = await self.reader.readline()
-            if line in (b"\r\n", b""):
-                break
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        data = await self.reader.readexactly(length) if length else b""
-        return status, data
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def session_body(n: int = 2) -> dict[str, Any]:
-    return {"session_id": str(uuid.uuid4()), "sync_mode": "per_participant",
-            "participants": [{"participant_id": str(uuid.uuid4()), "total_time_ms": 86_400_000} for _ in range(n)],
-            "total_time_ms": 86_400_000}
-
-
-async def make_running(conn: RawHttp) -> str:
-    body = session_body()
-    status, data = await conn.request("POST", "/v1/sessions", json.dumps(body).encode())
-    assert status == 201, data
-    status, data = await conn.request("POST", f"/v1/sessions/{body['session_id']}/start")
-    assert status == 200, data
-    return body["session_id"]
-
-
-async def sequential(host: str, port: int, token: str, n: int) -> dict[str, float]:
-    conn = await RawHttp(host, port, token).open()
-    sid = await make_running(conn)
-    for _ in range(200):  # warm-up
-        await conn.request("POST", f"/v1/sessions/{sid}/switch")
-        await conn.request("GET", "/health")
-    sw: list[float] = []
-    hl: list[float] = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        status, _ = await conn.request("POST", f"/v1/sessions/{sid}/switch")
-        t1 = time.perf_counter()
-        await conn.request("GET", "/health")
-        t2 = time.perf_counter()
-        assert status == 200
-        sw.append((t1 - t0) * 1000)
-        hl.append((t2 - t1) * 1000)
-    conn.close()
-    return {"switch_p50_ms": pct(sw, 0.5), "switch_p99_ms": pct(sw, 0.99),
-            "health_p50_ms": pct(hl, 0.5), "health_p99_ms": pct(hl, 0.99)}
-
-
-async def concurrent(host: str, port: int, token: str, sessions: int, conns: int, seconds: float) -> dict[str, float]:
-    setup = await RawHttp(host, port, token).open()
-    sids = [await make_running(setup) for _ in range(sessions)]
-    setup.close()
-    pool = [await RawHttp(host, port, token).open() for _ in range(conns)]
+async def concurrent(target: Target, sessions: int, connections: int, seconds: float,
+                     max_requests: int) -> tuple[list[float], float, float]:
+    """(switch latencies ms, elapsed s, server CPU s) with `connections` connections switching
+    `sessions` sessions for `seconds` or `max_requests` requests, whichever ends first."""
+    setup = await RawHttp(target.url, target.token).open()
+    try:
+        sids = [await start_session(setup) for _ in range(sessions)]
+    finally:
+        setup.close()
+    pool = [await RawHttp(target.url, target.token).open() for _ in range(connections)]
     lat: list[float] = []
-    errors = 0
+    errors: Counter[int] = Counter()
     stop_at = time.perf_counter() + seconds
 
     async def worker(i: int, conn: RawHttp) -> None:
-        nonlocal errors
         k = i
-        while time.perf_counter() < stop_at:
-            sid = sids[k % len(sids)]
-            k += conns
-            t0 = time.perf_counter()
-            status, _ = await conn.request("POST", f"/v1/sessions/{sid}/switch")
-            lat.append((time.perf_counter() - t0) * 1000)
-            errors += status != 200
+        while time.perf_counter() < stop_at and len(lat) + sum(errors.values()) < max_requests:
+            status, ms = await conn.timed("POST", f"/v1/sessions/{sids[k % len(sids)]}/switch")
+            k += connections
+            if status == 200:
+                lat.append(ms)
+            else:
+                errors[status] += 1
 
+    cpu0 = process_cpu_s(target.pid)
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker(i, c) for i, c in enumerate(pool)))
+    try:
+        await asyncio.gather(*(worker(i, c) for i, c in enumerate(pool)))
+    finally:
+        for c in pool:
+            c.close()
     elapsed = time.perf_counter() - t0
-    for c in pool:
-        c.close()
-    return {"rps": len(lat) / elapsed, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
-            "requests": len(lat), "errors": errors}
+    check_errors(f"{target.label} concurrent", errors, len(lat) + sum(errors.values()))
+    return lat, elapsed, process_cpu_s(target.pid) - cpu0
 
 
-async def websocket_rtt(host: str, port: int, token: str, n: int) -> dict[str, float]:
+async def websocket(target: Target, n: int, warmup: int = 100) -> dict[str, list[float]]:
+    """`n` rounds of WebSocket SWITCH -> ACK and PING -> PONG on one socket (milliseconds)."""
     from websockets.asyncio.client import connect
 
-    conn = await RawHttp(host, port, token).open()
-    sid = await make_running(conn)
-    conn.close()
-    lat: list[float] = []
-    async with connect(f"ws://{host}:{port}/ws?sessionId={sid}&token={token}", compression=None) as ws:
-        await ws.recv()
-        for i in range(n + 200):
-            rid = f"r{i}"
+    conn = await RawHttp(target.url, target.token).open()
+    try:
+        sid = await start_session(conn)
+    finally:
+        conn.close()
+    out: dict[str, list[float]] = {"ws_switch": [], "ws_ping": []}
+    async with connect(target.ws_url(sid), compression=None, open_timeout=10) as ws:
+        first = json.loads(await ws.recv())
+        if first.get("type") != "CONNECTED":
+            raise BenchError(f"{target.label} WebSocket: expected CONNECTED, got {first}")
+
+        async def answer(frame: dict[str, Any], wanted: str, rid: str | None) -> float:
             t0 = time.perf_counter()
-            await ws.send(json.dumps({"type": "SWITCH", "request_id": rid}))
+            await ws.send(json.dumps(frame))
             while True:
-                frame = json.loads(await ws.recv())
-                if frame.get("request_id") == rid:
-                    break
-            if i >= 200:  # warm-up excluded
-                assert frame["type"] == "ACK", frame
-                lat.append((time.perf_counter() - t0) * 1000)
-    return {"p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "mean_ms": statistics.fmean(lat)}
+                got = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if got.get("type") in wanted.split("|") and (rid is None or got.get("request_id") == rid):
+                    if got["type"] == "ERROR":
+                        raise BenchError(f"{target.label} WebSocket SWITCH answered {got}")
+                    return (time.perf_counter() - t0) * 1000
+
+        for i in range(warmup + n):
+            sw = await answer({"type": "SWITCH", "request_id": f"r{i}"}, "ACK|ERROR", f"r{i}")
+            ping = await answer({"type": "PING", "client_time": int(time.time() * 1000)}, "PONG", None)
+            if i >= warmup:
+                out["ws_switch"].append(sw)
+                out["ws_ping"].append(ping)
+    return out
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench switch")
-    p.add_argument("--url", help="use this running server (needs --token, limits off)")
-    p.add_argument("--token")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--database-url", default=None)
-    p.add_argument("--n", type=int, default=3000, help="sequential samples")
-    p.add_argument("--seconds", type=float, default=8.0, help="concurrent phase length")
-    p.add_argument("--workers", type=int, default=1, help="kairos serve --workers")
-    args = p.parse_args(argv)
+def record_sequential(report: Report, seq: dict[str, list[float]], prefix: str = "", tag: str = "") -> None:
+    """Put a `sequential` result on the report: health and Redis PING as baselines."""
+    report.latency(f"{prefix}health", seq["health"], f"{tag}GET /health (baseline)")
+    if seq["redis_ping"]:
+        report.latency(f"{prefix}redis_ping", seq["redis_ping"], f"{tag}raw Redis PING",
+                       baseline=f"{prefix}health")
+    report.latency(f"{prefix}switch", seq["switch"], f"{tag}POST switch, sequential",
+                   baseline=f"{prefix}health")
+    report.latency(f"{prefix}get", seq["get"], f"{tag}GET session, sequential", baseline=f"{prefix}health")
+    if seq["redis_ping"]:
+        report.latency(f"{prefix}switch_vs_redis", seq["switch"], f"{tag}POST switch vs Redis PING",
+                       baseline=f"{prefix}redis_ping")
+
+
+def run(args: argparse.Namespace, report: Report) -> None:
+    """Measure the three phases against the target."""
     try:
         import uvloop
 
-        uvloop.install()
+        uvloop.install()  # the client's own overhead counts in every sample: keep it small
     except ImportError:
         pass
-    server = None
-    if args.url:
-        from urllib.parse import urlsplit
-
-        u = urlsplit(args.url)
-        host, port, token = u.hostname or "127.0.0.1", u.port or 80, args.token or ""
-    else:
-        from tests.servers import KairosServer, server_env
-
-        env = server_env(args.redis_url or "", args.database_url, f"bench:{uuid.uuid4().hex[:8]}:",
-                         KAIROS_RATE_LIMIT_GENERAL="0", KAIROS_RATE_LIMIT_SWITCH="0")
-        if not args.redis_url:
-            env.pop("KAIROS_REDIS_URL")
-        server = KairosServer(env, workers=args.workers, ready_timeout_s=60).start()
-        host, port, token = "127.0.0.1", server.port, server.token("bench")
-    try:
-        if server is not None:
-            server.wait_ready(60)
-        seq = asyncio.run(sequential(host, port, token, args.n))
-        pid = server.pid if server is not None else None
-        cpu0 = cpu_seconds(pid)
-        conc = asyncio.run(concurrent(host, port, token, 64, 16, args.seconds))
-        conc["server_cpu_ms_per_switch"] = (cpu_seconds(pid) - cpu0) * 1000 / max(1, conc["requests"])
-        wsr = asyncio.run(websocket_rtt(host, port, token, args.n))
-    finally:
-        if server is not None:
-            server.stop()
-    ratio = seq["switch_p50_ms"] / seq["health_p50_ms"]
-    tail = seq["switch_p99_ms"] / seq["switch_p50_ms"]
-    print("sequential HTTP (one keep-alive connection, interleaved):")
-    print(f"  switch p50 {seq['switch_p50_ms']:.3f} ms  p99 {seq['switch_p99_ms']:.3f} ms")
-    print(f"  health p50 {seq['health_p50_ms']:.3f} ms  p99 {seq['health_p99_ms']:.3f} ms")
-    print(f"  switch p50 / health p50 = {ratio:.2f}  (target <= 1.5)  {'OK' if ratio <= 1.5 else 'MISS'}")
-    print(f"  switch p99 / switch p50 = {tail:.2f}  (target <= 4)    {'OK' if tail <= 4 else 'MISS'}")
-    print(f"concurrent: 64 sessions x 16 connections, {args.seconds:.0f} s:")
-    print(f"  {conc['rps']:.0f} switches/s (target >= 1000) {'OK' if conc['rps'] >= 1000 else 'MISS'}"
-          f"  p50 {conc['p50_ms']:.3f} ms  p99 {conc['p99_ms']:.3f} ms  errors {conc['errors']}")
-    if conc["server_cpu_ms_per_switch"]:
-        print(f"  server CPU per switch {conc['server_cpu_ms_per_switch']:.3f} ms (all of its work, "
-              "audit worker included: the load-independent cost)")
-    print("WebSocket SWITCH -> ACK round trip:")
-    print(f"  p50 {wsr['p50_ms']:.3f} ms  p99 {wsr['p99_ms']:.3f} ms  (target p50 <= 1 ms) "
-          f"{'OK' if wsr['p50_ms'] <= 1 else 'MISS'}")
+    with kairos(args, report) as target:
+        report.step(f"sequential: {args.n} rounds of switch / GET / health / Redis PING")
+        record_sequential(report, asyncio.run(sequential(target, args.n)))
+        report.step(f"concurrent: {args.sessions} sessions x {args.connections} connections, "
+                    f"{args.seconds:g} s")
+        lat, elapsed, cpu = asyncio.run(concurrent(target, args.sessions, args.connections,
+                                                   args.seconds, args.max_requests))
+        report.latency("switch_concurrent", lat, f"POST switch, {args.connections} connections",
+                       baseline="health")
+        report.value("switches_per_s", len(lat) / elapsed, "/s", f"switches/s, {args.connections} connections")
+        if target.pid is not None and lat:
+            report.value("server_cpu_ms_per_switch", cpu * 1000 / len(lat), "ms",
+                         "server CPU per switch (all its work)")
+        if not args.no_ws:
+            report.step(f"WebSocket: {args.n} SWITCH -> ACK and PING -> PONG")
+            ws = asyncio.run(websocket(target, args.n))
+            report.latency("ws_ping", ws["ws_ping"], "WebSocket PING -> PONG (baseline)")
+            report.latency("ws_switch", ws["ws_switch"], "WebSocket SWITCH -> ACK", baseline="ws_ping")

@@ -1,0 +1,104 @@
+"""`python -m bench all --quick` end to end at tiny sizes (real servers, real processes), and
+`python -m bench switch --quick` from the wheel installed into a fresh virtualenv without tests/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from bench.cli import COMMANDS
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["codec.rounds=50", "actor.n=50", "switch.n=50", "switch.seconds=0.5", "audit.messages=300",
+        "audit.row-sample=50", "failover.ttl-ms=1000", "failover.sessions=20", "failover.loops=4",
+        "compare.rounds=2", "compare.n=20", "compare.seconds=0.3", "compare.subscribers=3",
+        "fanout.switches=3", "fanout.sockets=10", "fanout.clients=1"]
+LATENCY_KEYS = {"label", "unit", "count", "p50", "p90", "p99", "p99_9", "max", "mean", "baseline",
+                "ratio_p50", "ratio_p99"}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAIROS_")}
+    return env | {"PYTHONUNBUFFERED": "1"}
+
+
+def _tiny_sets() -> list[str]:
+    shipped = {n for n in COMMANDS if (REPO / "bench" / f"{n}.py").exists()}
+    return [a for s in TINY if s.split(".")[0] in shipped for a in ("--set", s)]
+
+
+def test_all_quick_runs_every_subcommand_and_writes_the_documented_json(
+        tmp_path: Path, redis_url: str, database_url: str) -> None:
+    out_json, out_png = tmp_path / "all.json", tmp_path / "all.png"
+    try:
+        import matplotlib  # noqa: F401
+        plot = ["--plot", str(out_png)]
+    except ImportError:
+        print("matplotlib is not installed: the plot is not checked")
+        plot = []
+    cmd = [sys.executable, "-m", "bench", "all", "--quick", *_tiny_sets(), "--redis-url", redis_url,
+           "--database-url", database_url, "--json", str(out_json), *plot]
+    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(out_json.read_text())
+    assert doc["schema"] == "kairos-bench/1" and doc["command"] == "all"
+    machine = doc["machine"]
+    assert machine["cores"] >= 1 and machine["python"].startswith("3.")
+    assert machine["redis"] and machine["postgresql"] and machine["kairos"]
+    assert set(doc["runs"]) == {n for n in COMMANDS if (REPO / "bench" / f"{n}.py").exists()}
+    for name, run in doc["runs"].items():
+        assert run["error"] is None, (name, run["error"])
+        assert run["latencies"] or run["values"], name
+        for key, lat in run["latencies"].items():
+            assert LATENCY_KEYS <= lat.keys(), (name, key)
+            assert lat["count"] > 0, (name, key)
+            if lat["baseline"] is not None:  # every ratio names a baseline of the same run
+                assert lat["baseline"] in run["latencies"], (name, key)
+                assert lat["ratio_p50"] is not None and lat["ratio_p50"] > 0, (name, key)
+        # the table on stdout shows each run
+        assert f"== {name}" in done.stdout
+    switch = doc["runs"]["switch"]["latencies"]
+    assert switch["switch"]["baseline"] == "health" and switch["redis_ping"]["count"] > 0
+    if plot:
+        assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_switch_quick_runs_from_the_installed_wheel_without_the_tests_package(
+        tmp_path: Path, redis_url: str, database_url: str) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
+                   check=True, capture_output=True, timeout=180)
+    (wheel,) = wheels.glob("kairos-*.whl")
+    # A fresh venv holding only the wheel; the dependencies come from this venv's site-packages by
+    # a path entry (its .pth files, including the editable install of the repo, are not run).
+    target = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(target)
+    py = target / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
+    Path(site, "_kairos_deps.pth").write_text(deps + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, timeout=180)
+    where = tmp_path / "elsewhere"
+    where.mkdir()
+    probe = subprocess.run([str(py), "-c", "import bench, web; print(bench.__file__, web.__file__)\n"
+                            "import importlib.util as u; print(u.find_spec('tests'))"],
+                           cwd=where, env=_env(), check=True, capture_output=True, text=True).stdout
+    assert probe.count(site) == 2 and probe.strip().endswith("None"), probe
+    done = subprocess.run([str(py), "-m", "bench", "switch", "--quick", "--quiet", "-n", "50", "--seconds", "0.5",
+                           "--redis-url", redis_url, "--database-url", database_url,
+                           "--json", str(tmp_path / "switch.json")],
+                          cwd=where, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== switch" in done.stdout
+    run = json.loads((tmp_path / "switch.json").read_text())["runs"]["switch"]
+    assert run["error"] is None and run["latencies"]["switch"]["count"] == 50
