@@ -260,17 +260,21 @@ def require_matplotlib() -> None:
 
 def plot(path: str, reports: list[Report], title: str) -> None:
     """Latency percentile curves (HDR style: x = percentile, stretched towards the tail), one
-    panel per run that measured latencies."""
+    panel per run, or per metric where a run measured several targets (`A.switch`, `B.switch`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [r for r in reports if r.latencies]
-    fig, axes = plt.subplots(len(panels) or 1, 1, figsize=(9, 3.6 * max(1, len(panels))), squeeze=False)
+    panels: dict[str, list[Latency]] = {}
+    for r in reports:
+        for name, lat in r.latencies.items():
+            metric = name.split(".", 1)[1] if "." in name else ""
+            panels.setdefault(f"{r.command}: {metric}" if metric else r.command, []).append(lat)
+    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(12, 3.2 * max(1, len(panels))), squeeze=False)
     ticks = [0.5, 0.9, 0.99, 0.999, 0.9999]
-    for ax, r in zip(axes[:, 0], panels, strict=False):
-        for lat in r.latencies.values():
+    for ax, (name, lats) in zip(axes[:, 0], panels.items(), strict=False):
+        for lat in lats:
             qs, vs = percentile_curve(lat.samples)
             ax.plot([1 / (1 - q) for q in qs], vs, label=f"{lat.label} ({lat.unit})")
         ax.set_xscale("log")
@@ -278,10 +282,10 @@ def plot(path: str, reports: list[Report], title: str) -> None:
         ax.set_xticks([1 / (1 - q) for q in ticks], [f"{q * 100:g}%" for q in ticks])
         ax.set_xlabel("percentile")
         ax.set_ylabel("latency")
-        ax.set_title(r.command)
+        ax.set_title(name)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
