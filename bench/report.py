@@ -79,13 +79,6 @@ class Report:
             print(f"[{self.command} {time.monotonic() - self.started:6.1f}s] {message}",
                   file=sys.stderr, flush=True)
 
-    def progress(self, what: str, done: int, total: int) -> None:
-        """A counter updated in place on a terminal (nothing when stderr is a file or --quiet)."""
-        if self.quiet or not sys.stderr.isatty():
-            return
-        end = "\n" if done >= total else ""
-        print(f"\r  {what}: {done}/{total}", end=end, file=sys.stderr, flush=True)
-
     # -- results ---------------------------------------------------------------------------
     def latency(self, name: str, samples: Sequence[float], label: str, *,
                 baseline: str | None = None, unit: str = "ms") -> None:
