@@ -76,7 +76,7 @@ def _raise_for(resp: httpx.Response) -> None:
 
 
 class KairosClient:
-    """Typed async methods for every REST call of API.md, plus `subscribe()` and clock sync."""
+    """Typed async methods for every REST call of docs/api.md, plus `subscribe()` and clock sync."""
 
     def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 10.0,
                  clock: Clock = wall_clock_ms, http: httpx.AsyncClient | None = None) -> None:

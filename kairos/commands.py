@@ -15,7 +15,7 @@ class ParticipantSpec:
 
 @dataclass(frozen=True, slots=True)
 class Create:
-    """Create a session; `owner` is the creator's token `sub`. Fields as API.md CreateSession."""
+    """Create a session; `owner` is the creator's token `sub`. Fields as docs/api.md CreateSession."""
 
     session_id: str
     sync_mode: str

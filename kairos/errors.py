@@ -10,7 +10,7 @@ from typing import Any
 
 
 class KairosError(Exception):
-    """Base error: `code` is the API.md machine-readable code, `status` the HTTP status."""
+    """Base error: `code` is the machine-readable API code (docs/api.md), `status` the HTTP status."""
 
     code: str = "INTERNAL_ERROR"
     status: int = 500

@@ -1,6 +1,6 @@
 """Validation of a Create command, in the core, so a session is sound whatever the edge checked.
 
-Errors are collected (not raised one by one) into API.md's `details` list of
+Errors are collected (not raised one by one) into the API's `details` list of
 `{field, message, code}` with dotted paths; codes follow pydantic's names where one exists.
 """
 

@@ -1,4 +1,4 @@
-"""The wire form of API.md: ISO `...sssZ` times, omitted-vs-null keys, live participant times.
+"""The wire form of docs/api.md: ISO `...sssZ` times, omitted-vs-null keys, live participant times.
 
 Also the *update message*: the one JSON document per accepted change that the actor publishes on
 the session channel AND appends to the outbox stream (same bytes, serialised once):
@@ -82,7 +82,7 @@ def _participants_json(state: Session, now_ms: int) -> list[dict[str, Any]]:
 
 
 def session_json(state: Session, now_ms: int) -> dict[str, Any]:
-    """API.md Session body with live times as of `now_ms` (includes `server_time_ms`)."""
+    """The Session body (docs/api.md) with live times as of `now_ms` (includes `server_time_ms`)."""
     s = state
     active = s.active
     d: dict[str, Any] = {
@@ -115,7 +115,7 @@ def session_json(state: Session, now_ms: int) -> dict[str, Any]:
 
 
 def switch_result_json(state: Session, now_ms: int, expired_participant_id: str | None) -> dict[str, Any]:
-    """API.md SwitchResult body."""
+    """The SwitchResult body (docs/api.md)."""
     active = state.active
     d: dict[str, Any] = {
         "session_id": state.session_id,

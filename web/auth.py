@@ -1,4 +1,4 @@
-"""Bearer-token authentication (JWT) and the authorisation rules of API.md's security model."""
+"""Bearer-token authentication (JWT) and the authorisation rules of docs/api.md ("Who may do what")."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def mint_token(settings: Settings, sub: str, role: str | None = None, ttl_s: int
     return jwt.encode(claims, local_secret(settings), algorithm=alg)
 
 
-# ---- authorisation (API.md "Security model") ----
+# ---- authorisation (docs/api.md "Who may do what") ----
 
 
 def is_participant(state: Session, sub: str) -> bool:

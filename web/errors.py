@@ -74,7 +74,7 @@ def from_http_exception(exc: HTTPException) -> E.KairosError:
 
 
 def validation_error(details: list[dict[str, str]]) -> E.ValidationError:
-    """API.md's VALIDATION_ERROR with a details list of {field, message, code}."""
+    """A VALIDATION_ERROR (docs/api.md) with a details list of {field, message, code}."""
     return E.ValidationError("Request validation failed", details=details)
 
 

@@ -2,7 +2,7 @@
 
 - permessage-deflate off: server-side compression tripled memory per socket (38 -> 131 KB) here.
 - heartbeat: Hypercorn sends a protocol ping every `websocket_ping_interval` but never notices a
-  missing pong; we drop a socket that has not answered the previous ping (API.md: 5 s heartbeat).
+  missing pong; we drop a socket that has not answered the previous ping (docs/websocket.md: 5 s heartbeat).
 """
 
 from __future__ import annotations

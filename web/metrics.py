@@ -1,4 +1,4 @@
-"""Prometheus metrics of the web edge (DESIGN.md "Observability"), served at `/metrics`.
+"""Prometheus metrics of the web edge (docs/production.md), served at `/metrics`.
 
 Runtime metrics (leases claimed, deadline lateness, audit lag, push results) are registered by
 `actors/` in the same default registry, so `/metrics` shows them all.

@@ -1,4 +1,4 @@
-"""REST routes of API.md: sessions, time, devices, admin, health, readiness and metrics.
+"""REST routes of docs/api.md: sessions, time, devices, admin, health, readiness and metrics.
 
 One Blueprint of top-level handlers; each reaches the instance's `Services` through `services()`.
 """

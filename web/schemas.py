@@ -1,4 +1,4 @@
-"""Pydantic models of API.md: request bodies (validated) and response shapes (OpenAPI only).
+"""Pydantic models of docs/api.md: request bodies (validated) and response shapes (OpenAPI only).
 
 Responses are built by `kairos.wire` as plain dicts on the hot path; the response models here
 exist so `/api-docs.json` documents them.
@@ -28,7 +28,7 @@ MAX_METADATA_BYTES = 10 * 1024
 
 
 class _Body(BaseModel):
-    # Unknown keys are ignored (API.md), so newer clients can talk to older servers.
+    # Unknown keys are ignored (docs/api.md), so newer clients can talk to older servers.
     model_config = ConfigDict(extra="ignore")
 
 
@@ -111,7 +111,7 @@ class ParticipantOut(BaseModel):
 
 
 class SessionOut(BaseModel):
-    """Session (API.md); unset optional keys are omitted."""
+    """Session (docs/api.md); unset optional keys are omitted."""
     session_id: str
     sync_mode: SyncModeName
     status: Literal["pending", "running", "paused", "expired", "completed", "cancelled"]
@@ -136,7 +136,7 @@ class SessionOut(BaseModel):
 
 
 class SwitchResultOut(BaseModel):
-    """SwitchResult (API.md)."""
+    """SwitchResult (docs/api.md)."""
     session_id: str
     active_participant_id: str | None
     cycle_started_at: str | None

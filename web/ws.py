@@ -199,7 +199,7 @@ def register_ws(app: Quart, svc: Services) -> None:
 
     @app.websocket("/ws")
     async def ws_endpoint() -> None:
-        """`/ws?sessionId=…`: see API.md for frames and close codes."""
+        """`/ws?sessionId=…`: see docs/websocket.md for frames and close codes."""
         # Quart/Hypercorn: accept before awaiting anything else.
         await websocket.accept()
         sid_raw = websocket.args.get("sessionId")

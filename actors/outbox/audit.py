@@ -5,7 +5,7 @@ The audit worker is consumer group `audit` on the outbox stream. Each batch is w
 transaction (COPY into a temporary table, then INSERT ... SELECT ... ON CONFLICT DO NOTHING, so a
 replayed batch adds nothing) and acknowledged only after the commit. While PostgreSQL is
 unreachable the worker keeps the batch in hand and retries with exponential backoff: the audit is
-delayed, never lost (DESIGN.md invariant 6).
+delayed, never lost (docs/audit.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Create: the session it builds, its defaults, and every validation rule of API.md CreateSession."""
+"""Create: the session it builds, its defaults, and every validation rule of CreateSession (docs/api.md)."""
 
 from __future__ import annotations
 

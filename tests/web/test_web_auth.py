@@ -1,4 +1,4 @@
-"""Security model of API.md: every role x action, bad tokens, algorithm confusion, rate limits, drain."""
+"""Security model (docs/api.md, "Who may do what"): every role x action, bad tokens, algorithm confusion, rate limits, drain."""
 
 from __future__ import annotations
 

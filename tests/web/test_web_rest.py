@@ -1,4 +1,4 @@
-"""Contract tests for every REST row of API.md, against a real `kairos serve` on loopback."""
+"""Contract tests for every REST route of docs/api.md, against a real `kairos serve` on loopback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WebSocket contract (API.md), the SDK's subscription and clock sync, and cross-instance fan-out."""
+"""WebSocket contract (docs/websocket.md), the SDK's subscription and clock sync, and cross-instance fan-out."""
 
 from __future__ import annotations
 
