@@ -26,6 +26,7 @@ from types import FrameType, ModuleType
 from typing import Any, NoReturn
 
 from bench.report import BenchError, Report, document, now_utc, plot, require_matplotlib, write_json
+from bench.servers import EmbeddedMissing, stores
 
 #: subcommand -> one-line description (the order `all` runs them in).
 COMMANDS: dict[str, str] = {
@@ -128,7 +129,7 @@ def run_one(name: str, args: argparse.Namespace) -> Report:
     report = Report(name, _params(args), quiet=args.quiet)
     try:
         _module(name).run(args, report)
-    except BenchError as e:
+    except (BenchError, EmbeddedMissing) as e:
         report.error = str(e)
     finally:
         report.elapsed_s = time.monotonic() - report.started
@@ -165,7 +166,6 @@ def _override(p: argparse.ArgumentParser, args: argparse.Namespace, option: str,
 
 
 def _run_all(args: argparse.Namespace) -> list[Report]:
-    from bench.servers import stores
 
     plans = []
     overrides: dict[str, list[tuple[str, str]]] = {}
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 check(args)
             reports = [run_one(args.command, args)]
         code = _finish(args.command, args, reports, started_at, t0)
-    except BenchError as e:
+    except (BenchError, EmbeddedMissing) as e:
         print(f"python -m bench: error: {e}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:

