@@ -121,7 +121,17 @@ def _apply_quick(parser: argparse.ArgumentParser, args: argparse.Namespace, quic
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("command", "token")}
+    """The options as run, without secrets (tokens; passwords inside URLs)."""
+    return {k: _redact(v) for k, v in vars(args).items() if k != "command" and not k.startswith("token")}
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    if isinstance(value, str) and "://" in value and "@" in value:
+        scheme, _, rest = value.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return value
 
 
 def run_one(name: str, args: argparse.Namespace) -> Report:

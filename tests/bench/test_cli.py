@@ -102,6 +102,15 @@ def test_json_document_has_the_documented_keys() -> None:
     assert run["values"]["rps"]["value"] == 100.0
 
 
+def test_parameters_in_the_json_carry_no_secrets() -> None:
+    args = argparse.Namespace(command="compare", token="t0k", token_A="t1", url=["http://u:pw@h:1"],
+                              redis_url="redis://:hunter2@127.0.0.1:6379/0", n=3)
+    params = cli._params(args)
+    assert "hunter2" not in json.dumps(params) and "pw@" not in json.dumps(params)
+    assert params["n"] == 3 and params["redis_url"] == "redis://***@127.0.0.1:6379/0"
+    assert not any(k.startswith("token") for k in params)
+
+
 def test_nothing_under_bench_imports_the_tests_package() -> None:
     offenders = []
     for path in BENCH.glob("*.py"):
