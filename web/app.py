@@ -69,8 +69,11 @@ class Services:
     async def drain_plan(self) -> tuple[list[str], str]:
         """Live non-draining other instances, and what a drain here will do, in words."""
         me = self.host.incarnation
-        others = [i["incarnation"] for i in await self.host.instances()
-                  if not i.get("draining") and i["incarnation"] != me]
+        try:
+            live = await self.host.instances()
+        except Exception as e:  # Redis unreachable: nobody could take anything over anyway
+            return [], f"instance list unreadable ({type(e).__name__}): exiting after the drain"
+        others = [i["incarnation"] for i in live if not i.get("draining") and i["incarnation"] != me]
         if others:
             return others, (f"handing sessions off to {len(others)} other instance(s); this process "
                             "forwards what still reaches it until it is stopped")
@@ -85,10 +88,7 @@ class Services:
         started = time.monotonic()
         others: list[str] = []
         if self.host is not None:
-            try:
-                others, plan = await self.drain_plan()
-            except Exception as e:  # Redis unreachable: nobody can take anything over anyway
-                plan = f"instance list unreadable ({e!r}): exiting after the drain timeout"
+            others, plan = await self.drain_plan()
             log.info("draining", plan=plan, actors=self.host.actor_count())
             with anyio.move_on_after(self.settings.drain_timeout_s):
                 await self.host.drain()

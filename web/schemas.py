@@ -219,13 +219,15 @@ class ErrorOut(BaseModel):
 
 
 class DrainOut(BaseModel):
-    """POST /admin/drain answer: the instance now draining."""
+    """POST /admin/drain answer: the instance now draining, and what happens next."""
     status: Literal["draining"]
     instance_id: str
+    plan: str = Field(description="what the drain will do: hand sessions off to the other live "
+                      "instances, or (the last instance) release them and exit")
 
 
 class DrainEnvelope(BaseModel):
-    """`{"data": {"status": "draining", "instance_id": ...}}`."""
+    """`{"data": {"status": "draining", "instance_id": ..., "plan": ...}}`."""
     data: DrainOut
 
 
