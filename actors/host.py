@@ -59,6 +59,7 @@ class Host:
         lease_ttl_ms: int = 5000,
         instance_id: str | None = None,
         clock: Callable[[], int] = wall_ms,
+        clock_synced: Callable[[], bool] = lambda: True,
         restore: Callable[[str], Awaitable[Session | None]] | None = None,
         switch_rate_per_s: int = 10,
         passivate_after_ms: int = 60_000,
@@ -74,6 +75,7 @@ class Host:
         self.scripts = Scripts(redis, self.keys)
         self.store = RedisStore(self.scripts, self.spawn)
         self._clock = clock
+        self._clock_synced = clock_synced
         self.timers = Timers(clock)
         self.restore = restore
         self.switch_rate_per_s = switch_rate_per_s
@@ -206,7 +208,7 @@ class Host:
         while self._actors:
             me = self.incarnation
             targets = [i["incarnation"] for i in await self.instances()
-                       if not i.get("draining") and i["incarnation"] != me]
+                       if not i.get("draining") and i.get("synced", True) and i["incarnation"] != me]
             self._successors = targets
             async with anyio.create_task_group() as tg:
                 for actor in list(self._actors.values()):
@@ -216,6 +218,12 @@ class Host:
     async def ping(self) -> None:
         """Raise if Redis is unreachable (for /ready)."""
         await self.redis.ping()
+
+    @property
+    def claiming(self) -> bool:
+        """Whether this host may take sessions: not draining, and its clock is in the cluster's
+        time base (`actors.clock`; a host that cannot tell the time must not charge it)."""
+        return not self.draining and self._clock_synced()
 
     def wake_timers(self) -> None:
         """Re-check deadlines and idle actors now (after an injected clock moved)."""
@@ -272,7 +280,7 @@ class Host:
 
     # --- internals -------------------------------------------------------------------------
     def _info(self) -> dict[str, Any]:
-        return {"draining": self.draining, "actors": len(self._actors)}
+        return {"draining": self.draining, "synced": self._clock_synced(), "actors": len(self._actors)}
 
     async def _stop_incarnation(self, incarnation: str) -> None:
         LIVENESS_LOST.inc()

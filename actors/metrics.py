@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 LEASES_CLAIMED = Counter(
     "kairos_leases_claimed_total", "Session leases claimed by this instance",
@@ -27,4 +27,10 @@ DRAIN_SECONDS = Histogram(
 )
 WRITES_REPEATED = Counter(
     "kairos_writes_repeated_total", "Fenced writes sent again after a lost reply and found already written",
+)
+CLOCK_OFFSET = Gauge(
+    "kairos_clock_offset_seconds", "Redis TIME minus this instance's clock (the correction applied)",
+)
+CLOCK_ERROR = Gauge(
+    "kairos_clock_error_seconds", "Bound on the error of the cluster time this instance uses",
 )

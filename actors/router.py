@@ -160,7 +160,7 @@ class Router:
                                 continue  # someone learnt the owner meanwhile: forward without the lock
                             successor = host.successor(session_id) if forward else None
                             r = await host.scripts.do_claim_or_forward(
-                                inc, session_id, may_claim=not host.draining or successor is not None,
+                                inc, session_id, may_claim=host.claiming or successor is not None,
                                 payload=payload, claim_for=successor or "")
                             if r[0] == CLAIMED:
                                 fresh = host.activate(session_id, Lease(inc, int(r[1])), r[2], r[3].decode())
@@ -183,7 +183,7 @@ class Router:
                         raise Moved(session_id)
                     elif code in (UNOWNED, MINE):
                         self._hints.pop(session_id, None)
-                        if host.draining:  # we may not claim: whoever we handed it to will, shortly
+                        if not host.claiming:  # draining (our successor claims it shortly) or clock unsynced
                             if not forward:
                                 raise Moved(session_id)
                             await anyio.sleep(0.01)
@@ -226,7 +226,7 @@ class Router:
     async def activate_here(self, session_id: str, reason: str = "handoff") -> bool:
         """Claim and activate a session on this host now, if nobody live owns it (drain hand-off)."""
         host = self.host
-        if host.draining:
+        if not host.claiming:
             return False
         async with host.claim_lock(session_id):
             if host.local_actor(session_id) is not None:

@@ -40,7 +40,7 @@ class Sweeper:
     async def sweep_once(self) -> int:
         """One pass; returns how many sessions were adopted."""
         host = self.host
-        if host.draining:
+        if not host.claiming:
             return 0
         inc = host.membership.incarnation
         answer = await host.scripts.do_adopt_orphans(

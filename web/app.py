@@ -21,6 +21,7 @@ import structlog
 from quart import Quart, Response
 from quart_schema import QuartSchema
 
+from actors.clock import ClusterClock, local_ns
 from actors.fanout import FanOut
 from actors.outbox.audit import AuditServices
 from web import apidocs, metrics
@@ -38,10 +39,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("kairos.app")
 
-def wall_ms() -> int:
-    """The server clock, epoch milliseconds."""
-    return time.time_ns() // 1_000_000
-
 
 @dataclass
 class Services:
@@ -52,7 +49,7 @@ class Services:
     limiter: GeneralLimiter
     addresses: ClientAddress
     instance_id: str
-    clock: Any = wall_ms
+    clock: ClusterClock = field(default_factory=ClusterClock)  # now_ms in the cluster's time base
     host: Host = None  # type: ignore[assignment]  # set by the lifespan before serving
     fanout: FanOut | None = None
     audit: AuditServices | None = None  # None only when no database is configured
@@ -113,6 +110,7 @@ def create_app(settings: Settings) -> Quart:
         addresses=ClientAddress(settings.trusted_proxies),
         instance_id=instance_id,
         cors=Cors(settings.cors_origins),
+        clock=_cluster_clock(settings.test_clock_skew_ms),
     )
     svc.relays = Relays(svc)
     app = Quart("kairos")
@@ -155,6 +153,14 @@ def create_app(settings: Settings) -> Quart:
     return app
 
 
+def _cluster_clock(skew_ms: int) -> ClusterClock:
+    """The instance's clock in the cluster's time base; `skew_ms` fakes a wrong local clock (tests)."""
+    if not skew_ms:
+        return ClusterClock()
+    skew_ns = skew_ms * 1_000_000
+    return ClusterClock(local=lambda: local_ns() + skew_ns)
+
+
 def _skip_schema_conversion_for_responses(app: Quart) -> None:
     """quart-schema converts every return value (pydantic dumps, header casing); our routes return
     finished `Response` objects, so pass those straight through (tens of us per request)."""
@@ -178,6 +184,12 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
     tg = await stack.enter_async_context(anyio.create_task_group())
     svc.task_group = tg
     stack.callback(tg.cancel_scope.cancel)
+    clock = svc.clock
+    try:  # measured before the host starts, so it claims sessions from the start
+        await clock.measure(svc.redis)
+    except Exception as e:
+        log.warning("clock measurement failed", error=repr(e))
+    tg.start_soon(clock.run, svc.redis)
     restore = None
     if s.database_url:
         svc.audit = await _open_audit(svc, stack)
@@ -200,6 +212,8 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
             switch_rate_per_s=s.rate_limit_switch,
             passivate_after_ms=s.passivate_after_ms,
             idempotency_window_ms=s.idempotency_window_s * 1000,
+            clock=clock,
+            clock_synced=clock.synced,
         )
     )
     metrics.track_actors(svc.host.actor_count)

@@ -19,6 +19,7 @@ from pydantic import ValidationError as PydanticValidationError
 from quart import Blueprint, Quart, Response, current_app, request
 from quart_schema import document_querystring, document_request, document_response, tag
 
+from actors.clock import ClusterClock
 from kairos import commands as C
 from kairos import wire
 from kairos.errors import SessionNotFound
@@ -186,6 +187,8 @@ async def ready() -> Response:
             raise RuntimeError("instance draining")
         if svc.redis is None:
             raise RuntimeError("starting")
+        if isinstance(svc.clock, ClusterClock) and not svc.clock.synced():
+            raise RuntimeError(f"clock not synced to the cluster (error {svc.clock.error_ms():.0f} ms)")
         await svc.redis.ping()
         if svc.audit is not None:
             await svc.audit.ping()
