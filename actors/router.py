@@ -40,6 +40,7 @@ from kairos.commands import (
     Switch,
 )
 from kairos.errors import KairosError, Unavailable
+from kairos.rules import ROUTER_ID_PREFIX
 
 if TYPE_CHECKING:
     from actors.host import Host
@@ -145,7 +146,7 @@ class Router:
                     inc = host.membership.incarnation
                     if forward and rid is None:
                         if command.command_id is None:  # retries must be recognisable as such
-                            command = replace(command, command_id=uuid.uuid4().hex)
+                            command = replace(command, command_id=ROUTER_ID_PREFIX + uuid.uuid4().hex)
                         rid = uuid.uuid4().hex
                         payload = msgpack.packb({"r": rid, "s": session_id, "a": self.reply_channel,
                                                  "c": encode_command(command)})

@@ -8,7 +8,8 @@ CONTRACT (other packages rely on it):
 - An accepted command bumps `version` by exactly 1 and records its `command_id` (if any) in the
   idempotency window: an id is remembered at least `window_ms` (the `apply` argument, default
   `IDEMPOTENCY_WINDOW_MS`) and while it is among the last `IDEMPOTENCY_WINDOW` ids, within the
-  size bound `IDEMPOTENCY_MAX` ids per session (past it the oldest go first).
+  size bound `IDEMPOTENCY_MAX` ids per session (past it the oldest go first); ids the router made
+  up (`ROUTER_ID_PREFIX`) only while among the last `IDEMPOTENCY_WINDOW`.
 - `Tick` applies every deadline that has passed at `now_ms`; when nothing is due it returns the
   same state with no events (`changed` False) and no version bump.
 - `Delete` returns `state=None` with a `session_deleted` event.
@@ -25,6 +26,7 @@ Every rule is described in docs/time-controls.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from kairos import events as ev
@@ -75,6 +77,10 @@ from kairos.validate import validate_create
 IDEMPOTENCY_WINDOW = 64
 IDEMPOTENCY_WINDOW_MS = 300_000
 IDEMPOTENCY_MAX = 512
+# Ids the router makes up for commands sent without one (so that its own retries are recognised)
+# start with this; they are kept by count only (the last IDEMPOTENCY_WINDOW): their retries end
+# within seconds, and a busy session without client keys then carries a window of 64, not 512.
+ROUTER_ID_PREFIX = "~"
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,19 +359,17 @@ def command_id_of(state: Session) -> str | None:
 
 
 def _forget_old_ids(recent: dict[str, dict], now_ms: int, window_ms: int) -> None:
-    """Drop ids oldest first: past IDEMPOTENCY_MAX always; past the last IDEMPOTENCY_WINDOW only
-    once remembered `window_ms` (an id without a time counts as old)."""
-    drop = []
-    left = len(recent)
-    for cid, remembered in recent.items():
-        if left <= IDEMPOTENCY_WINDOW:
-            break
-        if left <= IDEMPOTENCY_MAX and remembered.get("at_ms", now_ms - window_ms) + window_ms > now_ms:
-            break
-        drop.append(cid)
-        left -= 1
-    for cid in drop:
-        del recent[cid]
+    """Drop ids older than the last IDEMPOTENCY_WINDOW: the oldest past IDEMPOTENCY_MAX, and any
+    remembered `window_ms` already (or made up by the router, or without a time)."""
+    beyond = len(recent) - IDEMPOTENCY_WINDOW
+    if beyond <= 0:
+        return
+    over = len(recent) - IDEMPOTENCY_MAX
+    for cid in list(islice(recent, beyond)):
+        at = recent[cid].get("at_ms")
+        if over > 0 or at is None or at + window_ms <= now_ms or cid.startswith(ROUTER_ID_PREFIX):
+            del recent[cid]
+            over -= 1
 
 
 # --- deadlines -------------------------------------------------------------------------------

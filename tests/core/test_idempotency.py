@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 
 from kairos import Delete, Pause, Resume, Start, Switch, Tick, apply, decode, encode
 from kairos.errors import InvalidStateTransition
-from kairos.rules import IDEMPOTENCY_MAX, IDEMPOTENCY_WINDOW, IDEMPOTENCY_WINDOW_MS
+from kairos.rules import (
+    IDEMPOTENCY_MAX,
+    IDEMPOTENCY_WINDOW,
+    IDEMPOTENCY_WINDOW_MS,
+    ROUTER_ID_PREFIX,
+)
 from kairos.wire import remembered, session_from_json, session_json, update_message
 
 from .helpers import T0, P, make_create
@@ -95,21 +100,32 @@ def test_the_window_holds_at_most_IDEMPOTENCY_MAX_ids() -> None:
     assert list(s.recent)[0] == "c20"
 
 
-@settings(max_examples=60, deadline=None)
-@given(gaps=st.lists(st.integers(0, 30_000), min_size=1, max_size=150),
+def test_ids_made_up_by_the_router_are_kept_by_count_only() -> None:
+    s = apply(_started(), Switch(command_id="client"), S + 100).state
+    for k in range(IDEMPOTENCY_WINDOW + 10):
+        s = apply(s, Switch(command_id=f"{ROUTER_ID_PREFIX}{k}"), S + 200 + k).state
+    assert len(s.recent) == IDEMPOTENCY_WINDOW + 3  # create-1, start-1, client: still in the window
+    assert list(s.recent)[3] == f"{ROUTER_ID_PREFIX}10"
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 30_000), st.booleans()), min_size=1, max_size=150),
        window_ms=st.integers(0, 600_000))
-def test_window_property(gaps: list[int], window_ms: int) -> None:
+def test_window_property(steps: list[tuple[int, bool]], window_ms: int) -> None:
     s, now, accepted = _started(), S, [("create-1", T0), ("start-1", S)]
-    for k, gap in enumerate(gaps):
+    for k, (gap, routed) in enumerate(steps):
         now += gap
-        s = apply(s, Switch(command_id=f"k{k}"), now, window_ms=window_ms).state
-        accepted.append((f"k{k}", now))
+        cid = f"{ROUTER_ID_PREFIX if routed else ''}k{k}"
+        s = apply(s, Switch(command_id=cid), now, window_ms=window_ms).state
+        accepted.append((cid, now))
         kept = list(s.recent)
         assert len(kept) <= IDEMPOTENCY_MAX
-        newest = [cid for cid, _ in accepted[-IDEMPOTENCY_WINDOW:]]
-        young = [cid for cid, at in accepted[-IDEMPOTENCY_MAX:] if at + window_ms > now]
+        newest = [c for c, _ in accepted[-IDEMPOTENCY_WINDOW:]]
+        young = [c for c, at in accepted[-IDEMPOTENCY_MAX:]
+                 if at + window_ms > now and not c.startswith(ROUTER_ID_PREFIX)]
         assert set(newest) <= set(kept) and set(young) <= set(kept)
-        assert kept == [cid for cid, _ in accepted if cid in s.recent]  # oldest first
+        assert len(kept) <= len(set(newest) | set(young))  # nothing else is kept
+        assert kept == [c for c, _ in accepted if c in s.recent]  # oldest first
     assert decode(encode(s)) == s
 
 

@@ -37,12 +37,18 @@ async def outbox_versions(redis: Any, keys: Keys) -> list[int]:
     return [json.loads(fields[b"m"])["version"] for _, fields in await redis.xrange(keys.outbox)]
 
 
-async def test_a_fenced_write_sent_twice_is_queued_and_published_once(redis: Any, key_prefix: str) -> None:
+async def claimed(redis: Any, key_prefix: str) -> tuple[Keys, Scripts, str, str]:
+    """Keys, scripts, a live incarnation and a session it just claimed (epoch 1)."""
     keys = Keys(key_prefix)
     scripts = Scripts(redis, keys)
     inc, sid = uuid.uuid4().hex, str(uuid.uuid4())
     assert await scripts.do_join(inc, b"{}", TTL)
     assert (await scripts.do_claim_or_forward(inc, sid, may_claim=True))[0] == CLAIMED
+    return keys, scripts, inc, sid
+
+
+async def test_a_fenced_write_sent_twice_is_queued_and_published_once(redis: Any, key_prefix: str) -> None:
+    keys, scripts, inc, sid = await claimed(redis, key_prefix)
     pubsub = redis.pubsub()
     await pubsub.subscribe(keys.channel(sid))
     try:
@@ -53,23 +59,20 @@ async def test_a_fenced_write_sent_twice_is_queued_and_published_once(redis: Any
         assert await scripts.do_fenced_write(inc, 1, sid, b"cp-v4", b'{"version":4}', None, version=4) == 0
         assert await redis.get(keys.checkpoint(sid)) == b"cp-v2"
         assert await outbox_versions(redis, keys) == [1, 2]
+        await redis.publish(keys.channel(sid), b'{"version":"end"}')  # after everything above
         published = []
-        with anyio.move_on_after(1):
-            while len(published) < 3:
-                m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+        with anyio.fail_after(10):
+            while not published or published[-1] != "end":
+                m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                 if m is not None:
                     published.append(json.loads(m["data"])["version"])
-        assert published == [1, 2]
+        assert published == [1, 2, "end"]
     finally:
         await pubsub.aclose()
 
 
 async def test_a_delete_sent_twice_is_queued_once_and_answered_already_deleted(redis: Any, key_prefix: str) -> None:
-    keys = Keys(key_prefix)
-    scripts = Scripts(redis, keys)
-    inc, sid = uuid.uuid4().hex, str(uuid.uuid4())
-    assert await scripts.do_join(inc, b"{}", TTL)
-    assert (await scripts.do_claim_or_forward(inc, sid, may_claim=True))[0] == CLAIMED
+    keys, scripts, inc, sid = await claimed(redis, key_prefix)
     assert await scripts.do_fenced_write(inc, 1, sid, b"cp", b'{"version":1}', None, version=1) == 1
     assert await scripts.do_fenced_delete(inc, 1, sid, b'{"version":2}') == 1
     assert await scripts.do_fenced_delete(inc, 1, sid, b'{"version":2}') == ALREADY_WRITTEN
