@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "token":
         from web.auth import mint_token
 
+        _no_generated_secret_in_production(settings)
         print(mint_token(settings, args.sub, args.role, args.ttl))
     elif args.cmd == "drain":
+        if args.token is None:
+            _no_generated_secret_in_production(settings)
         raise SystemExit(drain(settings, args.url, args.token))
     elif args.cmd == "migrate":
         migrate(settings)
@@ -90,6 +93,12 @@ def _version() -> str:
         return importlib.metadata.version("kairos")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def _no_generated_secret_in_production(settings: Settings) -> None:
+    """A token signed with a freshly generated local secret would be rejected by every instance."""
+    if settings.env == "production" and settings.auth_enabled and not settings.jwt_secret:
+        _refuse("KAIROS_ENV=production: set KAIROS_JWT_SECRET (or JWT_SECRET) to mint a token")
 
 
 def _refuse(message: str) -> NoReturn:

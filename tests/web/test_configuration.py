@@ -119,6 +119,8 @@ def test_token_options_are_checked() -> None:
     assert negative.returncode == 2 and "must be a positive integer" in negative.stderr
     ok = _kairos("token", "--sub", "a", "--role", "admin", "--ttl", "60", env={"KAIROS_JWT_SECRET": SECRET})
     assert ok.returncode == 0 and ok.stdout.count(".") == 2
+    production = _kairos("token", "--sub", "a", env={"KAIROS_ENV": "production"})
+    assert production.returncode == 2 and "set KAIROS_JWT_SECRET" in production.stderr
 
 
 def test_settings_error_lists_every_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
