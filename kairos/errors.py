@@ -96,6 +96,12 @@ class SessionExists(KairosError):
     status = 409
 
 
+class DeviceTokenTaken(Conflict):
+    """The push token is registered by another caller (it stays theirs until they delete it)."""
+
+    code = "DEVICE_TOKEN_TAKEN"
+
+
 class PayloadTooLarge(KairosError):
     code = "PAYLOAD_TOO_LARGE"
     status = 413
@@ -136,6 +142,7 @@ _BY_CODE: dict[str, type[KairosError]] = {
         NotFound,
         Conflict,
         SessionExists,
+        DeviceTokenTaken,
         PayloadTooLarge,
         RateLimited,
         Unavailable,

@@ -130,7 +130,8 @@ def _metadata(e: _Errors, metadata: Any) -> None:
         e.add("metadata", "must be an object", "dict_type")
         return
     try:
-        size = len(json.dumps(metadata, separators=(",", ":")).encode())
+        # measured as stored: UTF-8, not the \uXXXX-escaped form (an emoji is 4 bytes, not 12)
+        size = len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode())
         msgpack.packb(metadata, use_bin_type=True)  # must survive the checkpoint codec
     except (TypeError, ValueError, OverflowError):
         e.add("metadata", "must be plain JSON", "value_error")

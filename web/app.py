@@ -24,7 +24,7 @@ from quart_schema import QuartSchema
 from actors.clock import ClusterClock, local_ns
 from actors.fanout import FanOut
 from actors.outbox.audit import AuditServices
-from web import apidocs, metrics
+from web import apidocs, hygiene, metrics
 from web import cors as web_cors
 from web import errors as web_errors
 from web.auth import Authenticator
@@ -132,6 +132,7 @@ def create_app(settings: Settings) -> Quart:
     app.extensions["kairos"] = svc
     web_errors.install(app)
     web_cors.install(app, svc.cors)
+    hygiene.install(app)
     register_routes(app)
     app.register_blueprint(apidocs.bp)
     register_ws(app, svc)

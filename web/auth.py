@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +14,14 @@ import structlog
 
 from kairos.errors import Forbidden, Unauthorized
 from kairos.session import Session, Visibility
+from web.limits import GeneralLimiter, Quota
 from web.settings import Settings
 
 log = structlog.get_logger("kairos.auth")
 
 _SECRET_FILE = "jwt-secret"
 _VERIFIED_CACHE = 10_000
+_NUMERIC_DATES = ("exp", "nbf", "iat")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,12 @@ class Authenticator:
         role = claims.get("role")
         if not isinstance(sub, str) or not sub:
             raise Unauthorized("Invalid token")
+        for name in _NUMERIC_DATES:
+            # RFC 7519 NumericDate: a JSON number. PyJWT compares int(value), so "exp": "179..."
+            # (a string) would pass its checks.
+            value = claims.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise Unauthorized("Invalid token")
         caller = Caller(sub, role if isinstance(role, str) else None)
         # Verifying a signature costs ~50-150 us, as much as the rest of a switch: remember
         # tokens already verified (keyed by the whole token, signature included) until they expire.
@@ -109,6 +118,19 @@ class Authenticator:
             self._verified.clear()
         self._verified[token] = (caller, float(claims["exp"]) + self.leeway)
         return caller
+
+
+def counted_caller(auth: Authenticator, limiter: GeneralLimiter, address: Callable[[], str],
+                   authorization: str | None, token: str | None = None) -> tuple[Caller, Quota | None]:
+    """The caller, its request counted against its general limit (per `sub`; per client address
+    with auth off). A request that fails authentication counts against the client address, so
+    guessing tokens is rate-limited (429) like everything else."""
+    try:
+        caller = auth.caller(authorization, token)
+    except Unauthorized:
+        limiter.hit(address())  # raises RateLimited once the address is over its limit
+        raise
+    return caller, limiter.hit(caller.sub if auth.enabled else address())
 
 
 def mint_token(settings: Settings, sub: str, role: str | None = None, ttl_s: int = 3600, now_s: int | None = None) -> str:

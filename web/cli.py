@@ -157,10 +157,11 @@ async def _serve(settings: Settings, fd: int | None) -> None:
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config
 
-    from web import hypercorn_ws
+    from web import hygiene, hypercorn_ws
     from web.app import create_app
 
     hypercorn_ws.apply()
+    hygiene.patch_hypercorn()
     app = create_app(settings)
     svc = app.extensions["kairos"]
     set_instance(svc.instance_id)

@@ -25,6 +25,7 @@ _STATUS_CODES = {
     404: ("NOT_FOUND", "Not found"),
     405: ("METHOD_NOT_ALLOWED", "Method not allowed"),
     413: ("PAYLOAD_TOO_LARGE", "Request body too large"),
+    431: ("REQUEST_HEADER_FIELDS_TOO_LARGE", "Request headers too large"),
 }
 
 
@@ -66,8 +67,12 @@ def ws_error_frame(err: E.KairosError, request_id: str | None = None) -> str:
 
 def from_http_exception(exc: HTTPException) -> E.KairosError:
     """Map a werkzeug/Quart HTTP error (unknown route, wrong method, body too large...)."""
-    status = exc.code or 500
-    code, message = _STATUS_CODES.get(status, ("HTTP_ERROR", exc.name or "HTTP error"))
+    return status_error(exc.code or 500, exc.name)
+
+
+def status_error(status: int, name: str | None = None) -> E.KairosError:
+    """The error for a bare HTTP status (from werkzeug, or from Hypercorn's protocol layer)."""
+    code, message = _STATUS_CODES.get(status, ("HTTP_ERROR", name or "HTTP error"))
     err = E.KairosError(message)
     err.code, err.status = code, status
     return err
@@ -138,7 +143,8 @@ def install(app: Quart) -> None:
 
     @app.errorhandler(HTTPException)
     async def _http(exc: HTTPException) -> Response:
-        return error_response(from_http_exception(exc))
+        valid = getattr(exc, "valid_methods", None)  # a 405 says which methods the path takes
+        return error_response(from_http_exception(exc), {"Allow": ", ".join(valid)} if valid else None)
 
     @app.errorhandler(RequestSchemaValidationError)
     async def _schema(exc: RequestSchemaValidationError) -> Response:

@@ -41,10 +41,13 @@ ERRORS: dict[int, tuple[str, dict[str, dict[str, Any]]]] = {
     404: ("`SESSION_NOT_FOUND`: no session with this id.", {
         "not_found": {"code": "SESSION_NOT_FOUND",
                       "message": "Session 00000000-0000-0000-0000-000000000000 not found"}}),
-    409: ("`SESSION_EXISTS` (create with an id in use) or `CONFLICT` (switch: the expected "
-          "active participant is no longer active).", {
+    409: ("`SESSION_EXISTS` (create with an id in use), `CONFLICT` (switch: the expected "
+          "active participant is no longer active) or `DEVICE_TOKEN_TAKEN` (the push token is "
+          "registered by another caller).", {
               "exists": {"code": "SESSION_EXISTS", "message": "Session already exists"},
-              "conflict": {"code": "CONFLICT", "message": "Active participant changed"}}),
+              "conflict": {"code": "CONFLICT", "message": "Active participant changed"},
+              "token_taken": {"code": "DEVICE_TOKEN_TAKEN",
+                              "message": "This push token is registered by another caller"}}),
     413: ("`PAYLOAD_TOO_LARGE`: the body is over the configured limit (1 MB by default).", {
         "too_large": {"code": "PAYLOAD_TOO_LARGE", "message": "Request body too large"}}),
     429: ("`RATE_LIMIT_EXCEEDED`: the caller's general limit or the session's switch limit; retry "

@@ -88,7 +88,11 @@ def parse_json(data: bytes) -> Any:
 
 
 def validated(model: type[M], raw: Any) -> M:
-    """`raw` parsed into `model`, or a VALIDATION_ERROR with dotted-path details."""
+    """`raw` parsed into `model`, or a VALIDATION_ERROR with dotted-path details (also for what no
+    store can keep anywhere in `raw`: U+0000, lone surrogates, integers beyond 64 bits)."""
+    problems = S.unstorable(raw)
+    if problems:
+        raise W.validation_error(problems)
     try:
         return model.model_validate(raw)
     except PydanticValidationError as exc:
@@ -131,9 +135,9 @@ def _configure(state: Any) -> None:
 def authenticate() -> A.Caller:
     """The request's caller (raises Unauthorized); counts the request against its general limit."""
     svc = services()
-    caller = svc.auth.caller(request.headers.get("Authorization"))
+    caller, quota = A.counted_caller(svc.auth, svc.limiter, client_address,
+                                     request.headers.get("Authorization"))
     structlog.contextvars.bind_contextvars(sub=caller.sub)  # on every later line (access log too)
-    quota = svc.limiter.hit(caller.sub if svc.auth.enabled else client_address())
     if quota is not None:
         # after_request adds the RateLimit-* headers to whatever the route answers.
         request._kairos_quota = quota  # type: ignore[attr-defined]
@@ -401,27 +405,34 @@ async def session_events(session_id: str) -> Response:
 @tag(["devices"])
 @document_request(S.DeviceIn)
 @document_response(S.DeviceEnvelope, 201)
-@documented(400, 401, 413, 429, 503)
+@documented(400, 401, 403, 409, 413, 429, 503)
 async def register_device() -> Response:
-    """Register a push token for the caller."""
+    """Register a push token for the caller; a token someone else registered is theirs (409
+    DEVICE_TOKEN_TAKEN) until they delete it, unless an admin reassigns it (`sub`)."""
     caller = authenticate()
     raw = await required_body()
     body = validated(S.DeviceIn, raw)
+    owner = body.sub or caller.sub
+    if owner != caller.sub:
+        A.require_admin(caller)
     audit = services().audit
     if audit is not None:
-        await audit.register_device(caller.sub, body.token, body.platform)
-    return json_response({"data": body.model_dump()}, 201)
+        await audit.register_device(owner, body.token, body.platform, take_over=caller.is_admin)
+    return json_response({"data": {"token": body.token, "platform": body.platform}}, 201)
 
 
 @bp.delete("/v1/devices/<path:token>")
 @tag(["devices"])
-@documented(401, 429, 503, success=(204, "Forgotten (also when the token was unknown)."))
+@documented(400, 401, 429, 503, success=(204, "Forgotten (also when the token was unknown)."))
 async def delete_device(token: str) -> Response:
-    """Forget a push token of the caller (204 even if unknown)."""
+    """Forget a push token of the caller, or anyone's for an admin (204 even if unknown)."""
     caller = authenticate()
+    problems = S.unstorable(token, "token")
+    if problems:
+        raise W.validation_error(problems)
     audit = services().audit
     if audit is not None:
-        await audit.delete_device(caller.sub, token)
+        await audit.delete_device(None if caller.is_admin else caller.sub, token)
     return Response(b"", status=204)
 
 
@@ -502,7 +513,9 @@ async def access_log(response: Response) -> Response:
         response.headers["X-Request-Id"] = rid
     if current_app.config[_ACCESS_LOG] and req.path not in _NO_ACCESS_LOG:
         t0 = getattr(req, "_kairos_t0", None)
-        log.info("request", method=req.method, path=req.path, status=response.status_code,
+        # A push token in the path is a credential: log the route template instead.
+        path = rule if "token" in (req.view_args or {}) else req.path
+        log.info("request", method=req.method, path=path, status=response.status_code,
                  ms=round((time.perf_counter() - t0) * 1000, 3) if t0 else None,
                  client=client_address(), user_agent=req.headers.get("User-Agent"))
     return response

@@ -6,7 +6,7 @@ exist so `/api-docs.json` documents them.
 
 from __future__ import annotations
 
-import json
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -24,7 +24,55 @@ Uuid = Annotated[str, StringConstraints(pattern=UUID_PATTERN), AfterValidator(st
 
 Duration = Annotated[StrictInt, Field(ge=1000, le=86_400_000)]
 SyncModeName = Literal["per_participant", "per_cycle", "per_group", "global", "count_up"]
-MAX_METADATA_BYTES = 10 * 1024
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_PARTICIPANT_INDEX = 2**31 - 1
+_MAX_DETAILS = 20  # one hostile body cannot make an error answer huge
+
+
+def unstorable(value: Any, path: str = "") -> list[dict[str, str]]:
+    """Validation details for what no store can keep, anywhere in a parsed JSON value: strings
+    (and keys) with U+0000 (PostgreSQL refuses it) or lone surrogates (not Unicode: no UTF-8
+    encoding exists), integers outside the 64-bit range and non-finite numbers (`1e400`)."""
+    out: list[dict[str, str]] = []
+    _walk(value, path, out)
+    return out
+
+
+def _walk(value: Any, path: str, out: list[dict[str, str]]) -> None:
+    if len(out) >= _MAX_DETAILS:
+        return
+    if isinstance(value, str):
+        problem = _bad_text(value)
+        if problem:
+            out.append(_detail(path or "body", problem, "invalid_string"))
+    elif isinstance(value, bool):
+        return
+    elif isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            out.append(_detail(path or "body", "must be a 64-bit integer", "out_of_range"))
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            out.append(_detail(path or "body", "must be a finite number", "out_of_range"))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            problem = _bad_text(key)
+            if problem:
+                out.append(_detail(path or "body", f"keys {problem}", "invalid_string"))
+                continue
+            _walk(item, f"{path}.{key}" if path else key, out)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _walk(item, f"{path}.{i}" if path else str(i), out)
+
+
+def _bad_text(text: str) -> str | None:
+    if "\x00" in text:
+        return "must not contain U+0000"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "must be valid Unicode (no lone surrogates)"
+    return None
 
 
 class _Body(BaseModel):
@@ -35,7 +83,7 @@ class _Body(BaseModel):
 class ParticipantIn(_Body):
     """One participant of CreateSession."""
     participant_id: Uuid
-    participant_index: Annotated[StrictInt, Field(ge=0)] | None = None
+    participant_index: Annotated[StrictInt, Field(ge=0, le=MAX_PARTICIPANT_INDEX)] | None = None
     total_time_ms: Duration
     group_id: Uuid | None = None
 
@@ -53,7 +101,9 @@ class CreateSession(_Body):
     expiry_policy: Literal["end_session", "skip_participant", "auto_advance"] | None = None
     time_warning_ms: Annotated[StrictInt, Field(ge=0, le=86_400_000)] | None = None
     visibility: Literal["private", "public"] = "private"
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(
+        None, description="stored and returned: at most 10,240 bytes as compact UTF-8 JSON; no "
+        "U+0000 or lone surrogates in any string or key, integers within the signed 64-bit range")
 
     def cross_field_errors(self) -> list[dict[str, str]]:
         """Rules spanning several fields, as validation details (empty when all hold)."""
@@ -65,8 +115,6 @@ class CreateSession(_Body):
             if p.participant_id in seen:
                 out.append(_detail(f"participants.{i}.participant_id", "duplicate participant_id", "duplicate"))
             seen.add(p.participant_id)
-        if self.metadata is not None and len(json.dumps(self.metadata)) > MAX_METADATA_BYTES:
-            out.append(_detail("metadata", "must be at most 10 KB", "too_big"))
         return out
 
 
@@ -86,11 +134,14 @@ class DeviceIn(_Body):
 
     token: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
     platform: Literal["ios", "android", "web"]
+    sub: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = Field(
+        None, description="whose token it is: the caller (default); another `sub` only for an admin, "
+        "who may so reassign a token someone else registered")
 
 
 class EventsQuery(_Body):
     """Query string of GET /v1/sessions/{id}/events."""
-    after_version: Annotated[int, Field(ge=0)] | None = None
+    after_version: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
     limit: Annotated[int, Field(ge=1, le=500)] = 500
 
 

@@ -20,11 +20,11 @@ from quart import Quart, websocket
 
 from kairos import commands as C
 from kairos import wire
-from kairos.errors import KairosError, SessionNotFound, UnknownCommand, ValidationError
+from kairos.errors import KairosError, RateLimited, SessionNotFound, UnknownCommand, ValidationError
 from web import auth as A
 from web import errors as W
 from web import metrics
-from web.schemas import UUID_PATTERN
+from web.schemas import UUID_PATTERN, unstorable
 
 if TYPE_CHECKING:
     from web.app import Services
@@ -214,20 +214,20 @@ def register_ws(app: Quart, svc: Services) -> None:
         if origin is not None and not svc.cors.allows(origin, websocket.host):
             await websocket.close(1008, "Origin not allowed")
             return
-        try:
-            caller = svc.auth.caller(websocket.headers.get("Authorization"),
-                                     websocket.args.get("token") or None)
-        except KairosError:
-            await websocket.close(1008, "Unauthorized")
-            return
         if svc.draining:
             await websocket.close(1012, "Service restart")
             return
         try:
-            # Connections count against the caller's general limit, like REST requests.
-            svc.limiter.hit(caller.sub if svc.auth.enabled else _peer(svc))
-        except KairosError:
+            # Connections count against the caller's general limit, like REST requests (and a
+            # failed authentication against the client address).
+            caller, _ = A.counted_caller(svc.auth, svc.limiter, lambda: _peer(svc),
+                                         websocket.headers.get("Authorization"),
+                                         websocket.args.get("token") or None)
+        except RateLimited:
             await websocket.close(1008, "Rate limit exceeded")
+            return
+        except KairosError:
+            await websocket.close(1008, "Unauthorized")
             return
         gated = False
         try:
@@ -289,6 +289,12 @@ async def _receiver(svc: Services, sid: str, caller: A.Caller, sock: Socket) -> 
                 continue
             kind = msg.get("type")
             metrics.WS_MESSAGES.labels("in", kind if kind in _COMMANDS or kind in ("PING", "RECONNECT") else "other").inc()
+            problems = unstorable(msg) if kind in _COMMANDS or kind in ("PING", "RECONNECT") else None
+            if problems:  # U+0000, lone surrogates, numbers beyond 64 bits: refused like REST
+                rid = _request_id(msg)
+                echo = rid if rid is not None and not unstorable(rid) else None
+                await websocket.send(W.ws_error_frame(W.validation_error(problems), echo))
+                continue
             if kind == "PING":
                 pong: dict[str, Any] = {"type": "PONG", "timestamp": received,
                                         "server_receive_ms": received}

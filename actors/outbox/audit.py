@@ -27,7 +27,7 @@ from redis.exceptions import RedisError
 from actors.keys import AUDIT_GROUP, PUSH_GROUP, Keys
 from actors.outbox import migrations
 from actors.outbox.consumer import Backoff, Entry, Lag, OutboxConsumer
-from kairos.errors import Unavailable
+from kairos.errors import DeviceTokenTaken, Unavailable
 
 if TYPE_CHECKING:
     from kairos.session import Session
@@ -40,7 +40,9 @@ AUDIT_BATCHES = Counter("kairos_audit_batches_total", "Batches committed to Post
 AUDIT_ROWS = Counter("kairos_audit_events_total", "Event rows inserted into sync_events")
 AUDIT_DUPLICATES = Counter("kairos_audit_duplicates_total", "Event rows skipped as already stored")
 AUDIT_RETRIES = Counter("kairos_audit_retries_total", "Batch attempts that failed and were retried")
-AUDIT_SKIPPED = Counter("kairos_audit_skipped_total", "Outbox entries that cannot be stored (logged)")
+AUDIT_DEAD_LETTERS = Counter(
+    "kairos_audit_dead_letters_total", "Outbox entries PostgreSQL cannot store, kept in audit_dead_letters"
+)
 OUTBOX_RECLAIMED = Counter(
     "kairos_outbox_reclaimed_total", "Entries taken over from dead consumers", ["group"]
 )
@@ -135,6 +137,10 @@ SELECT version, seq, event_type, participant_id, group_id, time_remaining_ms, ti
        cycle_number, "timestamp", state_snapshot, metadata
 FROM sync_events WHERE session_id = $1 AND version = $2 ORDER BY seq
 """
+_INSERT_DEAD_LETTER = """
+INSERT INTO audit_dead_letters (stream_id, session_id, raw, error) VALUES ($1, $2, $3, $4)
+ON CONFLICT (stream_id) DO NOTHING
+"""
 _SELECT_LAST_SNAPSHOT = """
 SELECT state_snapshot FROM sync_events WHERE session_id = $1
 ORDER BY version DESC, seq DESC LIMIT 1
@@ -212,6 +218,7 @@ class AuditWorker:
         self._reported_reclaimed = 0
         self.stored = 0  # rows inserted by this worker (bench and tests read it)
         self.retries = 0  # failed batch attempts retried (PostgreSQL unreachable)
+        self.dead_letters = 0  # entries moved to audit_dead_letters by this worker
 
     async def run(self) -> None:
         """Consume forever (until cancelled); never raises on Redis or PostgreSQL outages.
@@ -259,13 +266,12 @@ class AuditWorker:
                 conn.terminate()
 
     async def _store(self, batch: list[Entry]) -> None:
-        """Write the batch, retrying while PostgreSQL is unreachable; unreadable entries are
-        logged and skipped (they can never be stored, and must not block the ones behind)."""
+        """Write the batch, retrying while PostgreSQL is unreachable; entries it can never store
+        go to the dead-letter table (they must not block the ones behind, nor vanish)."""
         readable = []
         for entry in batch:
             if entry.raw is None:
-                AUDIT_SKIPPED.inc()
-                log.error("audit: outbox entry %s is not an update message; skipped", entry.id)
+                await self._bury(entry, "not an update message (unreadable or not UTF-8)")
             else:
                 readable.append(entry)
         backoff = Backoff(cap_s=self.backoff_cap_s)
@@ -275,17 +281,10 @@ class AuditWorker:
                 inserted, duplicates = await write_batch(conn, readable)
             except Exception as e:
                 if not _transient(e):
-                    log.error("audit: batch rejected by PostgreSQL (%r); storing one by one", e)
+                    log.warning("audit: batch rejected by PostgreSQL (%r); storing one by one", e)
                     await self._store_one_by_one(readable)
                     return
-                AUDIT_RETRIES.inc()
-                self.retries += 1
-                if backoff.attempt == 0:
-                    log.warning("audit: PostgreSQL unavailable, retrying with backoff: %r", e)
-                await self._close_connection()
-                await self.outbox.keep([e.id for e in readable])
-                await self._housekeeping()  # keeps the lag gauges moving while we wait
-                await backoff.wait()
+                await self._retry_later(readable, backoff, e)
                 continue
             AUDIT_BATCHES.inc()
             AUDIT_ROWS.inc(inserted)
@@ -294,6 +293,17 @@ class AuditWorker:
             if backoff.attempt:
                 log.info("audit: PostgreSQL back after %d retries", backoff.attempt)
             return
+
+    async def _retry_later(self, entries: list[Entry], backoff: Backoff, error: Exception) -> None:
+        """PostgreSQL is unreachable: keep our claim on `entries` and wait before the next try."""
+        AUDIT_RETRIES.inc()
+        self.retries += 1
+        if backoff.attempt == 0:
+            log.warning("audit: PostgreSQL unavailable, retrying with backoff: %r", error)
+        await self._close_connection()
+        await self.outbox.keep([e.id for e in entries])
+        await self._housekeeping()  # keeps the lag gauges moving while we wait
+        await backoff.wait()
 
     async def _store_one_by_one(self, entries: list[Entry]) -> None:
         for entry in entries:
@@ -305,13 +315,33 @@ class AuditWorker:
                     # PostgreSQL went away meanwhile: back to the batch path (retries forever).
                     await self._close_connection()
                     await self._store([entry])
-                    continue
-                AUDIT_SKIPPED.inc()
-                log.error("audit: outbox entry %s cannot be stored (%r); skipped", entry.id, e)
+                else:
+                    await self._bury(entry, repr(e))
                 continue
             AUDIT_ROWS.inc(inserted)
             AUDIT_DUPLICATES.inc(duplicates)
             self.stored += inserted
+
+    async def _bury(self, entry: Entry, error: str) -> None:
+        """Keep an entry PostgreSQL cannot store in `audit_dead_letters` (raw bytes and error),
+        retrying while PostgreSQL is unreachable; the entry is acknowledged after that."""
+        backoff = Backoff(cap_s=self.backoff_cap_s)
+        error = error.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
+        while True:
+            try:
+                conn = await self._connection()
+                await conn.execute(_INSERT_DEAD_LETTER, entry.id, _session_of(entry), entry.blob, error)
+            except Exception as e:
+                if _transient(e):
+                    await self._retry_later([entry], backoff, e)
+                    continue
+                log.error("audit: outbox entry %s cannot even be dead-lettered (%r); dropped", entry.id, e)
+                return
+            AUDIT_DEAD_LETTERS.inc()
+            self.dead_letters += 1
+            log.error("audit: outbox entry %s cannot be stored (%s); kept in audit_dead_letters",
+                      entry.id, error)
+            return
 
     async def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -460,15 +490,19 @@ class AuditServices:
                 rows = rows[:limit]
         return [_event_json(sid, r) for r in rows]
 
-    async def register_device(self, sub: str, token: str, platform: str) -> None:
-        """Register (or move to `sub`) a push token."""
+    async def register_device(self, sub: str, token: str, platform: str, *, take_over: bool = False) -> None:
+        """Register a push token for `sub`; raises DeviceTokenTaken when another `sub` holds it
+        (unless `take_over`: an admin reassigning it)."""
         try:
-            await self.devices.register(sub, token, platform)
+            mine = await self.devices.register(sub, token, platform, take_over=take_over)
         except Exception as e:
             raise _unavailable_or(e) from e
+        if not mine:
+            raise DeviceTokenTaken("This push token is registered by another caller")
 
-    async def delete_device(self, sub: str, token: str) -> None:
-        """Forget `sub`'s push token (no-op when unknown or someone else's)."""
+    async def delete_device(self, sub: str | None, token: str) -> None:
+        """Forget `sub`'s push token, or anyone's when `sub` is None (no-op when unknown or
+        someone else's)."""
         try:
             await self.devices.delete(sub, token)
         except Exception as e:
@@ -496,6 +530,15 @@ class AuditServices:
     async def lag(self) -> Lag:
         """The audit group's lag (pending count, oldest unacknowledged entry and its age)."""
         return await self.worker.lag()
+
+
+def _session_of(entry: Entry) -> str | None:
+    """The session id a dead entry names, when it can be read (for finding it later)."""
+    try:
+        sid = json.loads(entry.blob or b"").get("session_id")
+    except (ValueError, AttributeError):
+        return None
+    return sid.lower() if isinstance(sid, str) and sid.isprintable() else None
 
 
 def _unavailable_or(error: Exception) -> Exception:

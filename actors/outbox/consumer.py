@@ -32,6 +32,7 @@ class Entry:
     id: str
     message: dict[str, Any] | None
     raw: str | None = None  # the message's JSON text (None when unreadable)
+    blob: bytes | None = None  # the `m` field byte for byte (None when absent), for dead letters
 
 
 @dataclass(slots=True)
@@ -92,16 +93,17 @@ def decode_entry(entry_id: Any, fields: dict | None, parse: bool = True) -> Entr
     if not fields:
         return Entry(eid, None)
     raw = fields.get(b"m", fields.get("m"))
+    blob = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
     try:
         text = raw.decode() if isinstance(raw, bytes) else raw
         if not parse:
-            return Entry(eid, None, text)
+            return Entry(eid, None, text, blob)
         message = json.loads(text) if text is not None else None
     except (ValueError, TypeError):
-        return Entry(eid, None)
+        return Entry(eid, None, None, blob)
     if not isinstance(message, dict):
-        return Entry(eid, None)
-    return Entry(eid, message, text)
+        return Entry(eid, None, None, blob)
+    return Entry(eid, message, text, blob)
 
 
 class OutboxConsumer:

@@ -55,17 +55,22 @@ class Devices:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def register(self, sub: str, token: str, platform: str) -> None:
-        """Add a token, or move it to `sub` (a phone changes hands or accounts)."""
-        await self.pool.execute(
+    async def register(self, sub: str, token: str, platform: str, *, take_over: bool = False) -> bool:
+        """Add a token for `sub` (or update its platform); False when another `sub` holds it.
+        `take_over` moves it to `sub` regardless (an admin reassigning a token)."""
+        row = await self.pool.fetchval(
             """INSERT INTO devices (token, sub, platform) VALUES ($1, $2, $3)
-               ON CONFLICT (token) DO UPDATE SET sub = EXCLUDED.sub, platform = EXCLUDED.platform""",
-            token, sub, platform,
+               ON CONFLICT (token) DO UPDATE SET sub = EXCLUDED.sub, platform = EXCLUDED.platform
+               WHERE $4 OR devices.sub = EXCLUDED.sub
+               RETURNING 1""",
+            token, sub, platform, take_over,
         )
+        return row is not None
 
-    async def delete(self, sub: str, token: str) -> None:
-        """Remove `sub`'s token; someone else's token is left alone."""
-        await self.pool.execute("DELETE FROM devices WHERE token = $1 AND sub = $2", token, sub)
+    async def delete(self, sub: str | None, token: str) -> None:
+        """Remove `sub`'s token (anyone's when `sub` is None); someone else's is left alone."""
+        await self.pool.execute(
+            "DELETE FROM devices WHERE token = $1 AND ($2::text IS NULL OR sub = $2)", token, sub)
 
     async def tokens_for(self, subs: set[str]) -> dict[str, list[str]]:
         """Tokens per (lower-cased) owner."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import asyncpg
@@ -10,7 +11,7 @@ import pytest
 from actors.keys import AUDIT_GROUP, Keys
 from actors.outbox.audit import AuditServices
 from actors.outbox.migrations import applied, available, migrate
-from kairos.errors import Unavailable
+from kairos.errors import DeviceTokenTaken, Unavailable
 from tests.audit.audit_messages import LIFECYCLE_TYPES, Lifecycle
 from tests.audit.conftest import append, eventually, fetch
 
@@ -41,7 +42,7 @@ async def test_migrate_applies_each_version_once(pg_server_url: str) -> None:
         assert await migrate(url) == []
         assert await applied(url) == versions
         tables = {r["tablename"] for r in await fetch(url, "SELECT tablename FROM pg_tables")}
-        assert {"sync_sessions", "sync_events", "devices", "schema_migrations"} <= tables
+        assert {"sync_sessions", "sync_events", "devices", "schema_migrations", "audit_dead_letters"} <= tables
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
@@ -98,14 +99,46 @@ async def test_paging_never_splits_a_version(redis, keys, key_prefix: str, datab
             (3, "cycle_switched"), (3, "time_warning"), (4, "cycle_switched")]
 
 
-async def test_unreadable_entries_are_skipped_without_blocking_the_rest(
+async def test_unreadable_entries_are_dead_lettered_without_blocking_the_rest(
     redis, keys, key_prefix: str, database_url: str
 ) -> None:
     life = Lifecycle()
-    await append(redis, keys, [life.create(), b"not json", b'{"session_id": 1}', life.start()])
+    ids = await append(redis, keys, [life.create(), b"not json", b'{"session_id": 1}', b"\xff\xfe", life.start()])
     async with services(redis, key_prefix, database_url) as audit:
         await eventually(lambda: drained(audit), what="audit caught up")
         assert [e["version"] for e in await audit.events(life.session_id, None)] == [1, 2]
+    rows = await fetch(database_url, "SELECT stream_id, raw FROM audit_dead_letters WHERE stream_id = ANY($1)",
+                       ids)
+    assert sorted((r["stream_id"], r["raw"]) for r in rows) == sorted(
+        zip(ids[1:4], [b"not json", b'{"session_id": 1}', b"\xff\xfe"], strict=True))
+
+
+async def test_an_entry_postgres_refuses_goes_to_the_dead_letters_and_the_rest_is_stored(
+    redis, keys, key_prefix: str, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NUL in an update message (PostgreSQL's jsonb refuses U+0000) once made the audit skip
+    every entry of the session silently; now it is kept, counted, logged and alerted on."""
+    from actors.outbox.audit import AUDIT_DEAD_LETTERS
+
+    life = Lifecycle()
+    good = [life.create(), life.start(), life.switch()]
+    bad = json.loads(life.pause())
+    bad["events"][0]["data"]["note"] = "a\x00b"
+    bad["state"]["metadata"] = {"x": "a\x00b"}
+    poison = json.dumps(bad).encode()
+    assert b"\\u0000" in poison
+    ids = await append(redis, keys, [*good, poison, life.resume(), life.complete()])
+    before = AUDIT_DEAD_LETTERS._value.get()
+    async with services(redis, key_prefix, database_url) as audit:
+        await eventually(lambda: drained(audit), what="audit caught up")
+        stored = await audit.events(life.session_id, None)
+    assert [e["version"] for e in stored] == [1, 2, 3, 5, 6]
+    rows = await fetch(database_url, "SELECT * FROM audit_dead_letters WHERE session_id = $1", life.session_id)
+    assert [(r["stream_id"], r["raw"]) for r in rows] == [(ids[3], poison)]
+    assert "Unicode" in rows[0]["error"] or "\\u0000" in rows[0]["error"], rows[0]["error"]
+    assert AUDIT_DEAD_LETTERS._value.get() == before + 1
+    assert any(r.levelname == "ERROR" and ids[3] in r.getMessage() and "audit_dead_letters" in r.getMessage()
+               for r in caplog.records)
 
 
 async def test_restore_returns_the_last_snapshot_marked_restored(
@@ -131,7 +164,9 @@ async def test_devices_register_move_and_delete(redis, key_prefix: str, database
     async with services(redis, key_prefix, database_url) as audit:
         token = f"tok-{uuid.uuid4().hex}"
         await audit.register_device("alice", token, "ios")
-        await audit.register_device("bob", token, "android")  # the phone changed hands
+        with pytest.raises(DeviceTokenTaken):  # alice's until she deletes it
+            await audit.register_device("bob", token, "android")
+        await audit.register_device("bob", token, "android", take_over=True)  # an admin moved it
         await audit.delete_device("alice", token)  # not alice's any more: no effect
         rows = await fetch(database_url, "SELECT sub, platform FROM devices WHERE token = $1", token)
         assert [(r["sub"], r["platform"]) for r in rows] == [("bob", "android")]
