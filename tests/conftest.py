@@ -9,6 +9,7 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -56,11 +57,18 @@ def pg_server_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def database_url(pg_server_url: str) -> Iterator[str]:
     """A fresh database for this test run, dropped at the end."""
+    with fresh_database(pg_server_url) as url:
+        yield url
+
+
+@contextmanager
+def fresh_database(pg_server_url: str, prefix: str = "kairos_test") -> Iterator[str]:
+    """Create an empty database on the server, yield its URL, drop it on the way out."""
     import asyncio
 
     import asyncpg
 
-    name = f"kairos_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
 
     async def admin(sql: str) -> None:
         conn = await asyncpg.connect(pg_server_url)
@@ -70,8 +78,10 @@ def database_url(pg_server_url: str) -> Iterator[str]:
             await conn.close()
 
     asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    yield _with_database(pg_server_url, name)
-    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    try:
+        yield _with_database(pg_server_url, name)
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _with_database(url: str, name: str) -> str:

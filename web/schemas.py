@@ -286,7 +286,7 @@ class OwnerOut(BaseModel):
     """Who holds a session's lease; all null (alive false) while nobody does."""
     session_id: str
     instance_id: str | None
-    incarnation: int | None
+    incarnation: str | None = Field(description="the holder's incarnation id (new at every start)")
     epoch: int | None
     alive: bool
 
