@@ -188,3 +188,18 @@ def run(args: argparse.Namespace, report: Report) -> None:
             ws = asyncio.run(websocket(target, args.n))
             report.latency("ws_ping", ws["ws_ping"], "WebSocket PING -> PONG (baseline)")
             report.latency("ws_switch", ws["ws_switch"], "WebSocket SWITCH -> ACK", baseline="ws_ping")
+    _targets(report)
+
+
+def _targets(report: Report) -> None:
+    """The service's latency targets, checked as ratios to this run's baselines where possible."""
+    checks = [("switch p50 / health p50", report.latency_ratio("switch"), 1.5),
+              ("switch p99 / switch p50", report.latencies["switch"].summary.p99
+               / report.latencies["switch"].summary.p50, 4.0)]
+    if "ws_switch" in report.latencies:
+        checks.append(("WebSocket SWITCH p50 (ms)", report.latencies["ws_switch"].summary.p50, 1.0))
+    for label, value, limit in checks:
+        if value is not None:
+            report.note(f"{label} = {value:.2f} (target <= {limit:g}) {'OK' if value <= limit else 'MISS'}")
+    rps = report.values["switches_per_s"].value
+    report.note(f"switches/s = {rps:.0f} (target >= 1000) {'OK' if rps >= 1000 else 'MISS'}")

@@ -105,6 +105,7 @@ def kairos(args: argparse.Namespace, report: Report, *, label: str = "A", worker
             server.stop()
             raise BenchError(f"kairos serve did not start: {str(e).splitlines()[0]} "
                              f"(log: {server.log_path})") from e
+        report.step(f"kairos serve ready: pid {server.pid}, {server.url}")
         try:
             report.add_server(server.url)
             yield Target(label, server.url, server.token("bench"), server.pid, redis_url)

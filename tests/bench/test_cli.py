@@ -128,3 +128,11 @@ def test_missing_embedded_servers_name_the_extra_in_one_line(
     code, out, err = _run(["actor", "--quiet"], capsys)
     assert code == 1
     assert err.count("\n") == 1 and "kairos[embedded]" in err and "--redis-url" in err
+
+
+def test_compare_rounds_take_turns_a_b_b_a() -> None:
+    from bench.compare import _turns
+    from bench.target import Target
+
+    a, b = Target("A", "http://a", None), Target("B", "http://b", None)
+    assert [t.label for _, t in _turns([a, b], 4)] == list("ABBAABBA")

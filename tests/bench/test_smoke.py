@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import venv
@@ -143,3 +145,36 @@ def test_compare_runs_against_a_plain_synckairos_server_without_auth_or_ws_comma
                    "fanout_delivery_p50", "switch_over_health"):
         assert run["values"][f"B/A.{metric}"]["value"] > 0, metric
     assert "B/A: sequential switch p50" in done.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_a_run_stops_the_server_it_started(
+        sig: signal.Signals, redis_url: str, database_url: str) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "switch", "-n", "1000000", "--redis-url", redis_url,
+                             "--database-url", database_url], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        server_pid = None
+        assert proc.stderr is not None
+        for line in proc.stderr:  # progress lines, until the workload is under way
+            m = re.search(r"kairos serve ready: pid (\d+)", line)
+            server_pid = int(m.group(1)) if m else server_pid
+            if "sequential:" in line:
+                break
+        assert server_pid is not None and _alive(server_pid)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert "interrupted" in err
+    assert not _alive(server_pid)
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
