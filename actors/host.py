@@ -67,12 +67,13 @@ class Host:
         mailbox_limit: int = 10_000,
         ask_deadline_ms: int = 10_000,
         forward_timeout_ms: int = 2_000,
+        min_replicas_ack: int = 0,
     ) -> None:
         if redis.connection_pool.connection_kwargs.get("decode_responses"):
             raise ValueError("Host needs a Redis client with decode_responses=False")
         self.redis = redis
         self.keys = Keys(key_prefix)
-        self.scripts = Scripts(redis, self.keys)
+        self.scripts = Scripts(redis, self.keys, min_replicas_ack=min_replicas_ack)
         self.store = RedisStore(self.scripts, self.spawn)
         self._clock = clock
         self._clock_synced = clock_synced

@@ -21,6 +21,7 @@ import redis.asyncio as redis_asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -177,7 +178,8 @@ return {1, epoch, redis.call('GET', KEYS[3]), reason}
 # KEYS[1] lease(sid), KEYS[2] my liveness key, KEYS[3] checkpoint(sid), KEYS[4] outbox stream,
 # KEYS[5] deadlines zset
 # ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] checkpoint bytes, ARGV[4] TTL ms,
-# ARGV[5] update message bytes ("" = checkpoint only, e.g. a restored session), ARGV[6] channel,
+# ARGV[5] update message bytes ("" = checkpoint only, e.g. a restored session), ARGV[6] channel
+# ("" = append to the outbox but do not publish: the caller publishes once replicas confirmed),
 # ARGV[7] session id, ARGV[8] next deadline ms ("" = none: not running),
 # ARGV[9] reply channel, ARGV[10] answer bytes ("" = none) for a forwarded command's asker,
 # ARGV[11] the checkpoint's version ("" = unknown: written without the version check)
@@ -204,7 +206,7 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[4], '*', 'm', ARGV[5])
-  redis.call('PUBLISH', ARGV[6], ARGV[5])
+  if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[5]) end
 end
 if ARGV[8] ~= '' then
   redis.call('ZADD', KEYS[5], ARGV[8], ARGV[7])
@@ -221,7 +223,7 @@ ALREADY_WRITTEN = 2  # FENCED_WRITE / FENCED_DELETE: a repeat of a write that al
 # --- fenced delete ------------------------------------------------------------------------------
 # KEYS as FENCED_WRITE.
 # ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] update message bytes (session_deleted),
-# ARGV[4] channel, ARGV[5] session id
+# ARGV[4] channel ("" = do not publish), ARGV[5] session id
 # Deletes the checkpoint, releases the lease (keeping its epoch) with a tombstone field `d` so an
 # audit snapshot taken before the deletion was audited cannot resurrect it, appends + publishes
 # the message, drops the deadline. Safe to send twice: the repeat finds the tombstone under my
@@ -235,7 +237,7 @@ redis.call('DEL', KEYS[3])
 redis.call('HSET', KEYS[1], 'o', '', 'd', '1')
 redis.call('HDEL', KEYS[1], 'v')
 redis.call('XADD', KEYS[4], '*', 'm', ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[3])
+if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[3]) end
 redis.call('ZREM', KEYS[5], ARGV[5])
 return 1
 """
@@ -343,6 +345,21 @@ return items
 
 
 _WRITE_KEYS = 5  # KEYS of FENCED_WRITE
+# Positions in `fenced_write_argv` output (KEYS then ARGV) of what is published: ARGV[5] message
+# on ARGV[6] channel, ARGV[10] answer on ARGV[9] reply channel (ARGV[11], the version, follows).
+_MESSAGE, _CHANNEL, _REPLY_CHANNEL, _ANSWER = 9, 10, 13, 14
+
+# How long a write waits for KAIROS_REDIS_MIN_REPLICAS_ACK replicas (WAIT) before it is answered
+# 503: a connected replica confirms within a millisecond or two; one that cannot for a second is
+# cut off or far behind, and the client is better off retrying than hanging.
+REPLICA_WAIT_MS = 1000
+
+
+class ReplicationTimeout(RedisTimeoutError):
+    """Fewer replicas than required confirmed a write in time: it is not acknowledged (503).
+
+    A Redis TimeoutError, so every caller treats it as an unknown outcome (the router retries a
+    claim until its deadline, an actor drops its memory and answers 503)."""
 
 
 class Scripts:
@@ -352,9 +369,12 @@ class Scripts:
     "Too many connections" past `max_connections` (100), and a burst of concurrent commands on one
     host (e.g. hundreds of forwards) must queue, not error."""
 
-    def __init__(self, redis: redis.asyncio.Redis, keys: Keys) -> None:
+    def __init__(self, redis: redis.asyncio.Redis, keys: Keys, *, min_replicas_ack: int = 0) -> None:
         self.redis = redis
         self.keys = keys
+        # >= 1: writes and claims count only once that many replicas have them (WAIT, pipelined
+        # with the script: same round trip), and nothing is published before that.
+        self.min_replicas_ack = min_replicas_ack
         self._slots = max(1, getattr(redis.connection_pool, "max_connections", 100) - _RESERVED_CONNECTIONS)
         self._limiter: anyio.CapacityLimiter | None = None
         self._join = redis.register_script(JOIN)
@@ -428,12 +448,32 @@ class Scripts:
     ) -> list[Any]:
         """See CLAIM_OR_FORWARD for the reply shapes."""
         k = self.keys
+        keys = [k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id)]
+        args = [incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS, claim_for]
         async with self._connection_slot():
-            return await self._claim(
-                keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id)],
-                args=[incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS,
-                      claim_for],
-            )
+            if not self.min_replicas_ack:
+                return await self._claim(keys=keys, args=args)
+            answer, acked = await self._replicated(self._claim, keys, args)
+            if answer[0] == 1 and acked < self.min_replicas_ack:
+                # Never act on a claim a failover could undo: give it back (the next ask claims again).
+                await self._release(keys=keys[:1], args=[incarnation, answer[1]])
+                raise ReplicationTimeout(f"claim of {session_id} reached {acked} replicas")
+            return answer
+
+    async def _replicated(self, script: Any, keys: list[Any], args: list[Any]) -> tuple[Any, int]:
+        """One script call and WAIT in one round trip: (its answer, replicas that confirmed it)."""
+        for _attempt in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.min_replicas_ack, REPLICA_WAIT_MS)
+            answer, acked = await pipe.execute(raise_on_error=False)
+            if not isinstance(answer, NoScriptError):
+                break
+            script.sha = await self.redis.script_load(script.script)  # Redis lost its script cache
+        for value in (answer, acked):
+            if isinstance(value, Exception):
+                raise value
+        return answer, int(acked)
 
     def fenced_write_argv(
         self, incarnation: str, epoch: int, session_id: str, checkpoint: bytes, message: bytes,
@@ -458,6 +498,11 @@ class Scripts:
 
     async def do_fenced_write_argv(self, argv: tuple[Any, ...]) -> int:
         """One FENCED_WRITE from `fenced_write_argv` output."""
+        if self.min_replicas_ack:
+            (result,) = await self.do_fenced_writes([argv])
+            if isinstance(result, Exception):
+                raise result
+            return int(result)
         async with self._connection_slot():
             return await self._write(keys=argv[:_WRITE_KEYS], args=argv[_WRITE_KEYS:])
 
@@ -466,12 +511,22 @@ class Scripts:
         a result (1 / 2 / 0 / -1) or an exception per entry."""
         results: list[Any] = [None] * len(batch)
         todo = list(range(len(batch)))
+        replicas = self.min_replicas_ack
+        if replicas:  # publish only what replicas confirmed: strip the publishing from the script
+            withheld = batch
+            batch = [(*argv[:_CHANNEL], "", *argv[_CHANNEL + 1:_ANSWER], "", *argv[_ANSWER + 1:]) for argv in batch]
+        acked = replicas
         async with self._connection_slot():
             for _attempt in range(2):
                 pipe = self.redis.pipeline(transaction=False)
                 for i in todo:
                     pipe.evalsha(self._write.sha, _WRITE_KEYS, *batch[i])
+                if replicas:
+                    pipe.execute_command("WAIT", replicas, REPLICA_WAIT_MS)
                 answers = await pipe.execute(raise_on_error=False)
+                if replicas:  # each attempt's WAIT covers its own writes: the least counts
+                    last = answers.pop()
+                    acked = min(acked, last if isinstance(last, int) else 0)
                 for i, answer in zip(todo, answers, strict=True):
                     results[i] = answer
                 todo = [i for i in todo if isinstance(results[i], NoScriptError)]
@@ -479,17 +534,41 @@ class Scripts:
                     break
                 # Redis lost its script cache (restart): those entries did not run; load and redo.
                 self._write.sha = await self.redis.script_load(FENCED_WRITE)
+            if replicas:
+                await self._publish_replicated(results, acked, [
+                    [(a[_CHANNEL], a[_MESSAGE]), (a[_REPLY_CHANNEL], a[_ANSWER])] for a in withheld])
         return results
+
+    async def _publish_replicated(self, results: list[Any], acked: int, messages: list[list[tuple[Any, Any]]]) -> None:
+        """After a WAIT: fail the writes fewer than `min_replicas_ack` replicas confirmed (in
+        place), publish the messages of the others (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for i, result in enumerate(results):
+            if result not in (1, 2):  # 2: a repeat of a write whose answer (and publish) was lost
+                continue
+            if acked < self.min_replicas_ack:
+                results[i] = ReplicationTimeout(f"write reached {acked} of {self.min_replicas_ack} replicas")
+                continue
+            for channel, data in messages[i]:
+                if channel and data:
+                    pipe.publish(channel, data)
+        if len(pipe):
+            await pipe.execute()
 
     async def do_fenced_delete(self, incarnation: str, epoch: int, session_id: str, message: bytes) -> int:
         """Delete checkpoint, release lease, outbox + publish the deletion: 1 / 2 (already deleted) /
         0 / -1."""
         k = self.keys
+        keys = [k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines]
         async with self._connection_slot():
-            return await self._delete(
-                keys=[k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines],
-                args=[incarnation, epoch, message, k.channel(session_id), session_id],
-            )
+            if not self.min_replicas_ack:
+                return await self._delete(keys=keys, args=[incarnation, epoch, message, k.channel(session_id), session_id])
+            answer, acked = await self._replicated(self._delete, keys, [incarnation, epoch, message, "", session_id])
+            results = [answer]
+            await self._publish_replicated(results, acked, [[(k.channel(session_id), message)]])
+        if isinstance(results[0], Exception):
+            raise results[0]
+        return int(answer)
 
     async def do_release(self, incarnation: str, epoch: int, session_id: str) -> bool:
         """Release the lease if it is still mine (passivation, drain)."""
@@ -508,13 +587,22 @@ class Scripts:
         (entries checked, entries fetched, [(sid, epoch, checkpoint, reason)] claimed, [sid] whose
         lease names me already), None if I am not alive."""
         k = self.keys
+        keys = [k.deadlines, k.liveness(incarnation)]
+        args = [incarnation, k.prefix, until_ms, scan, batch, CHECKPOINT_TTL_MS, offset]
         async with self._connection_slot():
-            flat = await self._adopt(keys=[k.deadlines, k.liveness(incarnation)],
-                                     args=[incarnation, k.prefix, until_ms, scan, batch, CHECKPOINT_TTL_MS, offset])
+            if self.min_replicas_ack:
+                flat, acked = await self._replicated(self._adopt, keys, args)
+            else:
+                flat, acked = await self._adopt(keys=keys, args=args), 0
         if flat[0] == -1:
             return None
         found = [(flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3].decode())
                  for i in range(3, len(flat), 4)]
+        if found and acked < self.min_replicas_ack:
+            # Claims a failover could undo are given back (released: the next sweep adopts them).
+            for sid, epoch, *_ in found:
+                await self.do_release(incarnation, epoch, sid)
+            raise ReplicationTimeout(f"adoption of {len(found)} sessions reached {acked} replicas")
         return int(flat[0]), int(flat[1]), found, [sid.decode() for sid in flat[2]]
 
     async def do_hand_off(self, incarnation: str, epoch: int, session_id: str, target: str, message: bytes) -> int:

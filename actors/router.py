@@ -211,6 +211,9 @@ class Router:
                 await waiter.done.wait()
             if waiter.msg is not None:
                 break
+            if waiter.done.is_set():  # our reply subscription was re-made: the answer may be lost
+                self._waiting[rid] = _Waiter()
+                return None  # route again: a re-sent request id is answered, never run twice
             wait *= 2  # a busy owner is not helped by being asked about more and more often
             r = await host.scripts.do_claim_or_forward(host.membership.incarnation, session_id, may_claim=False)
             if not (r[0] == OWNED_ELSEWHERE and r[1].decode() == owner):
@@ -344,14 +347,22 @@ class Router:
         pubsub = self.host.redis.pubsub()
         await pubsub.subscribe(self.reply_channel)
         task_status.started()
+        lost = False
         try:
             while True:
                 try:
                     m = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 except Exception as e:
                     log.warning("reply channel read failed: %r", e)
+                    lost = True
                     await anyio.sleep(0.2)
                     continue
+                if lost:
+                    # Subscribed again (redis-py re-subscribes on reconnect), e.g. after a Redis
+                    # failover; answers published meanwhile are gone: every waiting ask re-sends.
+                    lost = False
+                    for waiter in self._waiting.values():
+                        waiter.done.set()
                 if m is None or m.get("type") != "message":
                     continue
                 msg = msgpack.unpackb(m["data"])

@@ -36,6 +36,7 @@ class Switcher:
     def __init__(self, http: httpx.AsyncClient, sid: str, urls: list[str]) -> None:
         self.http, self.sid, self.urls = http, sid, urls
         self.acked: list[tuple[float, int]] = []  # (monotonic time of the 200, version)
+        self.last: dict[str, Any] = {}  # the state in the last 200
         self.failures: list[str] = []  # every non-200 answer or transport error, in order
         self.stopped = anyio.Event()
         self.done = anyio.Event()
@@ -67,7 +68,8 @@ class Switcher:
                     self.failures.append(f"{url}: {e!r}")
                     continue
                 if r.status_code == 200:
-                    self.acked.append((time.monotonic(), r.json()["data"]["version"]))
+                    self.last = r.json()["data"]
+                    self.acked.append((time.monotonic(), self.last["version"]))
                     break
                 self.failures.append(f"{url}: {r.status_code} {r.text[:200]}")
             self._n += 1

@@ -22,6 +22,7 @@ from quart import Quart, Response
 from quart_schema import QuartSchema
 
 from actors.clock import ClusterClock, local_ns
+from actors.connection import open_redis
 from actors.fanout import FanOut
 from actors.outbox.audit import AuditServices
 from web import apidocs, hygiene, metrics
@@ -180,7 +181,7 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
     if not s.auth_enabled:
         log.warning("AUTHENTICATION IS DISABLED (KAIROS_AUTH=disabled): local development only")
     assert s.redis_url, "serve with a Redis URL (the CLI starts an embedded one)"
-    svc.redis = aioredis.from_url(s.redis_url)
+    svc.redis = open_redis(s.redis_url)
     stack.push_async_callback(svc.redis.aclose)
     tg = await stack.enter_async_context(anyio.create_task_group())
     svc.task_group = tg
@@ -201,7 +202,7 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
     # limiter, a few connections kept for its readers), and the audit workers and the fan-out
     # holding connections of a shared pool made a burst of drain hand-offs fail with redis-py's
     # "Too many connections".
-    host_redis = aioredis.from_url(s.redis_url)
+    host_redis = open_redis(s.redis_url)
     stack.push_async_callback(host_redis.aclose)
     svc.host = await stack.enter_async_context(
         Host(
@@ -215,6 +216,7 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
             idempotency_window_ms=s.idempotency_window_s * 1000,
             clock=clock,
             clock_synced=clock.synced,
+            min_replicas_ack=s.redis_min_replicas_ack,
         )
     )
     metrics.track_actors(svc.host.actor_count)

@@ -16,6 +16,8 @@ from annotated_types import Ge, Le
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from actors.connection import sentinel_url
+
 _HMAC_ALGS = {"HS256", "HS384", "HS512"}
 _PUBLIC_KEY_ALGS = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
 _REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +52,12 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: Annotated[int, Ge(1), Le(65535), _platform("port")] = 3000
     redis_url: Annotated[str | None, _platform("redis_url")] = None
+    # Redis Sentinel (instead of KAIROS_REDIS_URL): "host:port,..." and the monitored master's name;
+    # the same as KAIROS_REDIS_URL=redis+sentinel://host:port,.../master (actors/connection.py).
+    redis_sentinels: Annotated[list[str], NoDecode] = []
+    redis_sentinel_master: str | None = None
+    # Replicas every fenced write and lease claim must reach (WAIT) before it counts: docs/runtime.md.
+    redis_min_replicas_ack: int = Field(0, ge=0)
     database_url: Annotated[str | None, _platform("database_url")] = None
     data_dir: str = ""  # "" = default_data_dir(); always absolute after validation
     key_prefix: str = "kairos:"
@@ -96,7 +104,7 @@ class Settings(BaseSettings):
         # Resolved once, here: every process and subcommand then agrees on one folder.
         return str(Path(v).expanduser().resolve() if v else default_data_dir())
 
-    @field_validator("jwt_algorithms", "trusted_proxies", "cors_origins", mode="before")
+    @field_validator("jwt_algorithms", "trusted_proxies", "cors_origins", "redis_sentinels", mode="before")
     @classmethod
     def _split_csv(cls, v: object) -> object:
         if isinstance(v, str):
@@ -116,8 +124,8 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, v: str | None) -> str | None:
-        if v and not v.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if v and not v.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+            raise ValueError("must be a redis://, rediss://, unix:// or redis+sentinel:// URL")
         return v or None
 
     @field_validator("database_url")
@@ -133,6 +141,17 @@ class Settings(BaseSettings):
         if v and not Path(v).is_file():
             raise ValueError("must name a readable file")
         return v
+
+    @model_validator(mode="after")
+    def _sentinel_url(self) -> Settings:
+        if not self.redis_sentinels:
+            return self
+        url = sentinel_url(self.redis_sentinels, self.redis_sentinel_master or "")
+        # (Worker processes inherit both: the parent passes the URL it composed on.)
+        if not self.redis_sentinel_master or self.redis_url not in (None, url):
+            raise ValueError("KAIROS_REDIS_SENTINELS needs KAIROS_REDIS_SENTINEL_MASTER and no KAIROS_REDIS_URL")
+        self.redis_url = url
+        return self
 
     @model_validator(mode="after")
     def _check_auth(self) -> Settings:
