@@ -37,7 +37,7 @@ BAD = [
     ("KAIROS_LOG_LEVEL", "verbose", "must be one of debug, info, warning, error, critical"),
     ("KAIROS_ENV", "prod", "must be one of development, production"),
     ("KAIROS_MIGRATE_ON_START", "maybe", "must be true or false"),
-    ("KAIROS_REDIS_URL", "localhost:6379", "must be a redis://, rediss:// or unix:// URL"),
+    ("KAIROS_REDIS_URL", "localhost:6379", "must be a redis://, rediss://, unix:// or redis+sentinel:// URL"),
     ("DATABASE_URL", "mysql://x", "must be a postgresql:// URL"),
     ("KAIROS_TRUSTED_PROXIES", "10.0.0.0/8,bogus", "must be comma-separated CIDRs"),
     ("KAIROS_FCM_CREDENTIALS", "/nonexistent/sa.json", "must name a readable file"),
