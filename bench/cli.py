@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "capacity": "how many live sessions and sockets one instance holds",
     "audit": "audit trail throughput into PostgreSQL",
     "failover": "failover and drain with three real `kairos serve` processes",
+    "replicas": "what KAIROS_REDIS_MIN_REPLICAS_ACK=1 (WAIT) costs a fenced write, own master + replica",
     "compare": "the same switch workload against two or more SyncKairos-compatible servers, interleaved",
 }
 

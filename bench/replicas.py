@@ -1,10 +1,10 @@
-"""`python -m bench replicas`: what KAIROS_REDIS_MIN_REPLICAS_ACK=1 costs a fenced write.
+"""What KAIROS_REDIS_MIN_REPLICAS_ACK=1 costs a fenced write (`python -m bench replicas`).
 
 Starts its own master and one replica (loopback) and measures, taking turns in one run so the
 machine's load hits every variant alike: a PING round trip (the baseline), the fenced write as
 today (one EVALSHA, publishing inside), EVALSHA + WAIT pipelined (one round trip), EVALSHA then
 WAIT (two round trips, what pipelining saves), and the full replicated write of `Scripts` (EVALSHA
-+ WAIT, then the PUBLISH of what replicas confirmed). Prints p50/p99 and ratios to PING.
++ WAIT, then the PUBLISH of what replicas confirmed), each as a ratio to PING.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ from typing import Any
 import anyio
 
 from actors.keys import REPLICA_WAIT_MS, Keys, Scripts
-from tests.redis_topology import Replicated
+from bench.redis_topology import Replicated
+from bench.report import BenchError, Report
+
+QUICK: dict[str, Any] = {"rounds": 200}
 
 
-def _pct(samples: list[float], p: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(p / 100 * len(s)))]
-
-
-async def _run(n: int) -> None:
+async def _measure(rounds: int, report: Report) -> dict[str, list[float]]:
+    """Per round, each variant once (µs)."""
     import redis.asyncio as aioredis
 
     with Replicated(Path(tempfile.mkdtemp(prefix="kairos-bench-replicas-")), replicas=1) as topo:
+        report.step(f"master :{topo.master.port if topo.master else '?'} + 1 replica up; {rounds} rounds")
         client = aioredis.Redis.from_url(topo.master_url)
         keys = Keys(f"bench-replicas:{uuid.uuid4().hex[:8]}:")
         plain, replicated = Scripts(client, keys), Scripts(client, keys, min_replicas_ack=1)
@@ -40,9 +40,10 @@ async def _run(n: int) -> None:
         sid = str(uuid.uuid4())
         epoch = int((await plain.do_claim_or_forward(inc, sid, may_claim=True))[1])
         checkpoint, message = b"c" * 300, b"m" * 400  # about a two-player session's sizes
+        # no version: the same write is repeated, each time a full write
         argv = plain.fenced_write_argv(inc, epoch, sid, checkpoint, message, None)
-        sha = plain._write.sha
         await plain.do_fenced_write_argv(argv)  # loads the script
+        sha = plain._write.sha
 
         async def ping() -> None:
             await client.ping()
@@ -64,30 +65,34 @@ async def _run(n: int) -> None:
             await replicated.do_fenced_write_argv(argv)
 
         variants: dict[str, Callable[[], Awaitable[None]]] = {
-            "PING (baseline)": ping,
-            "fenced write, MIN_REPLICAS_ACK=0": write,
-            "EVALSHA + WAIT pipelined": write_wait_pipelined,
-            "EVALSHA, then WAIT": write_then_wait,
-            "fenced write, MIN_REPLICAS_ACK=1": replicated_write,
+            "ping": ping, "write": write, "write_wait": write_wait_pipelined,
+            "write_then_wait": write_then_wait, "replicated_write": replicated_write,
         }
         samples: dict[str, list[float]] = {name: [] for name in variants}
-        for i in range(n + n // 10):
+        for i in range(rounds + rounds // 10):
             for name, fn in variants.items():
                 t = time.perf_counter()
                 await fn()
-                if i >= n // 10:  # warm-up rounds are not counted
-                    samples[name].append(time.perf_counter() - t)
+                if i >= rounds // 10:  # warm-up rounds are not counted
+                    samples[name].append((time.perf_counter() - t) * 1e6)
         await plain.do_leave(inc)
         await client.aclose()
-    base = _pct(samples["PING (baseline)"], 50)
-    for name, s in samples.items():
-        print(f"{name:<36} p50 {_pct(s, 50) * 1e6:7.0f} us  p99 {_pct(s, 99) * 1e6:7.0f} us  "
-              f"p50 = {_pct(s, 50) / base:4.2f}x PING")
+    return samples
 
 
-def main(argv: list[str]) -> None:
-    """Entry point of `python -m bench replicas`."""
-    parser = argparse.ArgumentParser(prog="python -m bench replicas", description=__doc__)
-    parser.add_argument("-n", type=int, default=3000, help="rounds (each variant once per round)")
-    args: Any = parser.parse_args(argv)
-    anyio.run(_run, args.n)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `bench replicas`."""
+    p.add_argument("--rounds", type=int, default=3000, help="rounds (each variant once per round)")
+
+
+def run(args: argparse.Namespace, report: Report) -> None:
+    """Latencies (µs) of each variant next to the PING baseline of the same rounds."""
+    if args.rounds < 1:
+        raise BenchError("--rounds must be positive")
+    m = anyio.run(_measure, args.rounds, report)
+    report.latency("ping", m["ping"], "PING round trip (baseline)", unit="us")
+    for name, label in (("write", "fenced write, MIN_REPLICAS_ACK=0 (one EVALSHA)"),
+                        ("write_wait", "EVALSHA + WAIT 1, pipelined (one round trip)"),
+                        ("write_then_wait", "EVALSHA, then WAIT 1 (two round trips)"),
+                        ("replicated_write", "fenced write, MIN_REPLICAS_ACK=1 (+ publish after WAIT)")):
+        report.latency(name, m[name], label, unit="us", baseline="ping")

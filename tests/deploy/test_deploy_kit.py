@@ -45,7 +45,7 @@ def _canon(name: str) -> str:
 CHECKED = {
     "Dockerfile", "requirements.txt", "compose.yaml", "kairos.env.example", "nginx.conf", "fly.toml",
     "railway.toml", "kubernetes/deployment.yaml", "grafana-dashboard.json", "prometheus-rules.yaml",
-    "prometheus-rules.test.yaml",
+    "prometheus-rules.test.yaml", "compose.sentinel.yaml",
 }
 
 
@@ -124,6 +124,30 @@ def test_compose_runs_three_instances_on_durable_redis_and_postgres() -> None:
     assert "KAIROS_JWT_SECRET=" in (DEPLOY / "kairos.env.example").read_text()
     upstreams = set(re.findall(r"server (kairos\d):3000", (DEPLOY / "nginx.conf").read_text()))
     assert upstreams == set(kairos)
+
+
+def test_compose_sentinel_variant_follows_a_master_watched_by_three_sentinels() -> None:
+    path = DEPLOY / "compose.sentinel.yaml"
+    done = _run(sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    services = yaml.safe_load(path.read_text())["services"]
+    assert set(services) - {"nginx", "postgres"} >= {"redis-master", "redis-replica1", "redis-replica2",
+                                                      "sentinel1", "sentinel2", "sentinel3"}
+    for name in ("redis-replica1", "redis-replica2"):
+        assert "--replicaof redis-master 6379" in " ".join(services[name]["command"])
+    conf = services["sentinel1"]["command"][-1]
+    assert "sentinel monitor kairos redis-master 6379 2" in conf and "--sentinel" in conf
+    for name, s in services.items():
+        assert s.get("restart") == "unless-stopped" and "healthcheck" in s, name
+    from web.settings import Settings
+
+    kairos = [s for name, s in services.items() if name.startswith("kairos")]
+    assert len({s["environment"]["KAIROS_INSTANCE_ID"] for s in kairos}) == 3
+    for s in kairos:
+        env = {k.removeprefix("KAIROS_").lower(): v for k, v in s["environment"].items()}
+        settings = Settings(**env, jwt_secret="x" * 32)
+        assert settings.redis_url == "redis+sentinel://sentinel1:26379,sentinel2:26379,sentinel3:26379/kairos"
+        assert settings.redis_min_replicas_ack >= 1
 
 
 def test_nginx_config_is_valid_and_proxies_websockets() -> None:

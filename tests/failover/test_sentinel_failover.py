@@ -15,8 +15,8 @@ import anyio
 import httpx
 import pytest
 
+from bench.redis_topology import Replicated
 from tests.failover.kit import Switcher, create_running, total_cycles, wait_until
-from tests.redis_topology import Replicated
 from tests.servers import KairosServer, server_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]

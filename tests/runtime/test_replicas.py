@@ -15,9 +15,9 @@ import pytest
 
 from actors.host import Host
 from actors.keys import REPLICA_WAIT_MS, Keys
+from bench.redis_topology import Replicated
 from kairos.commands import Start, Switch
 from kairos.errors import Unavailable
-from tests.redis_topology import Replicated
 from tests.runtime.conftest import create_command
 
 pytestmark = pytest.mark.anyio

