@@ -73,6 +73,48 @@ def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck_and_pinned_depend
     assert "KAIROS_ENV=production" in text
 
 
+def _healthcheck_snippets() -> list[str]:
+    """The Python one-liners the image and compose use as health checks."""
+    docker = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    (image,) = re.findall(r'^HEALTHCHECK .*CMD (\[.*\])$', docker, re.M)
+    snippets = [json.loads(image)[2]]
+    for service in _compose()["services"].values():
+        test = service.get("healthcheck", {}).get("test", [])
+        if test[:2] == ["CMD", "python"]:
+            snippets.append(test[3])
+    return snippets
+
+
+def test_health_check_commands_run_and_fail_when_the_instance_does_not_answer() -> None:
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        status = 200
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self.send_response(Handler.status if self.path in ("/health", "/ready") else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = str(server.server_address[1])
+    try:
+        for snippet in _healthcheck_snippets():
+            snippet = snippet.replace("127.0.0.1:3000", f"127.0.0.1:{port}")
+            env = {"PATH": "/usr/bin:/bin", "KAIROS_PORT": port}
+            Handler.status = 200
+            assert subprocess.run([sys.executable, "-c", snippet], env=env, timeout=30).returncode == 0
+            Handler.status = 503
+            assert subprocess.run([sys.executable, "-c", snippet], env=env, timeout=30,
+                                  capture_output=True).returncode != 0
+    finally:
+        server.shutdown()
+
+
 def test_dockerignore_keeps_local_state_and_tests_out_of_the_build_context() -> None:
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert {".venv", ".kairos", "tests", ".git"} <= ignored
