@@ -1,38 +1,53 @@
-"""Async client SDK for Kairos (the one module of `kairos/` that does I/O).
+"""Python client SDK for Kairos (the one module of `kairos/` that does I/O).
 
     async with KairosClient("http://127.0.0.1:3000", token) as kc:
-        await kc.create_session({...})
-        await kc.start(session_id)
-        async with kc.subscribe(session_id) as sub:
-            await sub.sync_clock()            # offset from several PING/PONG samples
-            async for frame in sub:           # STATE_UPDATE, TIME_WARNING, TIME_EXPIRED, ...
+        session = await kc.create_session({...})     # a typed SessionState
+        await kc.start(session.session_id)
+        async with kc.subscribe(session.session_id) as sub:
+            await sub.sync_clock()                    # offset from several PING/PONG samples
+            async for frame in sub:                   # typed Frames: STATE_SYNC, STATE_UPDATE, ...
                 ...
-        kc.server_now()                       # local clock + measured offset, epoch ms
+        kc.server_now()                               # local clock + measured offset, epoch ms
+
+    with KairosSync("http://127.0.0.1:3000", token) as k:   # the same, blocking, for scripts
+        k.start(session_id)
 
 Errors come back as the `kairos.errors` hierarchy (`SessionNotFound`, `RateLimited`, ...), with
-`status` set to the HTTP status. The subscription reconnects by itself (not after 1008 policy
-closes or a deleted session) and asks for `STATE_SYNC` after every reconnect and on version gaps.
+`status` set to the HTTP status. Requests are retried on connection errors, 503 and 429 (after
+`Retry-After`), every command with the same `Idempotency-Key` (one is made up when none is given),
+so a retried switch cannot apply twice. A subscription sends RECONNECT after every (re)connect,
+so it always starts from the current state, reconnects by itself (not after 1008 policy closes
+or a deleted session), and reports its connection state (`on_state`).
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
+import anyio.from_thread
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from kairos.errors import KairosError
+from kairos.results import AuditEvent, Frame, ServerTime, SessionState, SwitchResult
 
 Clock = Callable[[], float]
+TokenProvider = Callable[[], str | Awaitable[str]]
+"""Called for every request and every (re)connect: return a fresh token (e.g. refreshed)."""
+
+_RETRY_STATUSES = {429, 503}
+_MAX_WAIT_S = 30.0
 
 
 def wall_clock_ms() -> float:
@@ -58,6 +73,13 @@ def best_sample(samples: list[ClockSample]) -> ClockSample:
     return min(samples, key=lambda s: s.delay_ms)
 
 
+def _error_from(body: dict[str, Any]) -> KairosError:
+    err = KairosError.from_dict(body)
+    if "retry_after_seconds" in body:
+        err.retry_after = body["retry_after_seconds"]  # type: ignore[attr-defined]
+    return err
+
+
 def _raise_for(resp: httpx.Response) -> None:
     if resp.status_code < 400:
         return
@@ -66,26 +88,37 @@ def _raise_for(resp: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         body = None
     if isinstance(body, dict):
-        err = KairosError.from_dict(body)
-        if "retry_after_seconds" in body:
-            err.retry_after = body["retry_after_seconds"]  # type: ignore[attr-defined]
+        err = _error_from(body)
     else:  # e.g. /ready's unwrapped {"status": "not_ready", "error": "..."}
         err = KairosError(str(body) if body else (resp.text or resp.reason_phrase))
     err.status = resp.status_code
     raise err
 
 
-class KairosClient:
-    """Typed async methods for every REST call of docs/api.md, plus `subscribe()` and clock sync."""
+def _retry_after_s(resp: httpx.Response) -> float | None:
+    try:
+        return float(resp.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
 
-    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 10.0,
-                 clock: Clock = wall_clock_ms, http: httpx.AsyncClient | None = None) -> None:
+
+class KairosClient:
+    """Typed async methods for every REST call of docs/api.md, plus `subscribe()` and clock sync.
+
+    `token` is a JWT string or a `TokenProvider`; `retries` is how many times a request is
+    re-sent after a connection error, 503 or 429 (0 = never).
+    """
+
+    def __init__(self, base_url: str, token: str | TokenProvider | None = None, *,
+                 timeout: float = 10.0, clock: Clock = wall_clock_ms, retries: int = 3,
+                 backoff_s: float = 0.1, http: httpx.AsyncClient | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.clock = clock
+        self.retries = retries
+        self.backoff_s = backoff_s
         self.offset_ms: float | None = None
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = http or httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=timeout)
+        self.http = http or httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
 
     async def __aenter__(self) -> KairosClient:
         return self
@@ -100,15 +133,47 @@ class KairosClient:
 
     # ---- plumbing ----
 
-    async def _call(self, method: str, path: str, *, json_body: Any = None,
+    async def bearer(self) -> str | None:
+        """The current token (asks the provider, if one was given)."""
+        token = self.token() if callable(self.token) else self.token
+        if inspect.isawaitable(token):
+            token = await token
+        return token
+
+    async def _call(self, method: str, path: str, *, json_body: Any = None, command: bool = False,
                     idempotency_key: str | None = None, params: dict[str, Any] | None = None) -> Any:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        resp = await self.http.request(method, path, json=json_body, headers=headers, params=params)
-        _raise_for(resp)
-        if resp.status_code == 204 or not resp.content:
-            return None
-        body = resp.json()
-        return body["data"] if isinstance(body, dict) and "data" in body else body
+        headers: dict[str, str] = {}
+        if command:  # the same key on every attempt: a retry returns the first outcome
+            headers["Idempotency-Key"] = idempotency_key or f"kairos-py-{uuid.uuid4().hex}"
+        for attempt in itertools.count():
+            token = await self.bearer()
+            if token:
+                headers["Authorization"] = f"Bearer {token}"
+            try:
+                resp = await self.http.request(method, path, json=json_body, headers=headers,
+                                               params=params)
+            except httpx.TransportError:
+                if attempt >= self.retries:
+                    raise
+                await anyio.sleep(self._backoff(attempt))
+                continue
+            if resp.status_code in _RETRY_STATUSES and attempt < self.retries:
+                wait = _retry_after_s(resp)
+                await anyio.sleep(min(_MAX_WAIT_S, self._backoff(attempt) if wait is None else wait))
+                continue
+            _raise_for(resp)
+            if resp.status_code == 204 or not resp.content:
+                return None
+            body = resp.json()
+            return body["data"] if isinstance(body, dict) and "data" in body else body
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int) -> float:
+        return min(_MAX_WAIT_S, self.backoff_s * 2**attempt)
+
+    async def _command(self, name: str, session_id: str, key: str | None) -> SessionState:
+        return SessionState.from_json(await self._call(
+            "POST", f"/v1/sessions/{session_id}/{name}", command=True, idempotency_key=key))
 
     # ---- open endpoints ----
 
@@ -120,53 +185,62 @@ class KairosClient:
         """GET /ready (raises a KairosError with status 503 when not ready)."""
         return await self._call("GET", "/ready")
 
-    async def time(self) -> dict[str, Any]:
+    async def time(self) -> ServerTime:
         """GET /v1/time (also usable for a four-timestamp sample)."""
-        return await self._call("GET", "/v1/time")
+        return ServerTime.from_json(await self._call("GET", "/v1/time"))
 
     # ---- sessions ----
 
-    async def create_session(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
-        """POST /v1/sessions: the created Session."""
-        return await self._call("POST", "/v1/sessions", json_body=body, idempotency_key=idempotency_key)
+    async def create_session(self, body: dict[str, Any], *,
+                             idempotency_key: str | None = None) -> SessionState:
+        """POST /v1/sessions: the created Session (the caller becomes its owner)."""
+        return SessionState.from_json(await self._call(
+            "POST", "/v1/sessions", json_body=body, command=True, idempotency_key=idempotency_key))
 
-    async def get_session(self, session_id: str) -> dict[str, Any]:
+    async def get_session(self, session_id: str) -> SessionState:
         """GET /v1/sessions/{id}: the Session with live times."""
-        return await self._call("GET", f"/v1/sessions/{session_id}")
+        return SessionState.from_json(await self._call("GET", f"/v1/sessions/{session_id}"))
 
-    async def start(self, session_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+    async def start(self, session_id: str, *, idempotency_key: str | None = None) -> SessionState:
         """POST /v1/sessions/{id}/start."""
-        return await self._call("POST", f"/v1/sessions/{session_id}/start", idempotency_key=idempotency_key)
+        return await self._command("start", session_id, idempotency_key)
 
     async def switch(self, session_id: str, next_participant_id: str | None = None, *,
                      expected_active_participant_id: str | None = None,
-                     idempotency_key: str | None = None) -> dict[str, Any]:
+                     idempotency_key: str | None = None) -> SwitchResult:
         """POST /v1/sessions/{id}/switch: the SwitchResult."""
         body = {k: v for k, v in (("next_participant_id", next_participant_id),
                                   ("expected_active_participant_id", expected_active_participant_id)) if v}
-        return await self._call("POST", f"/v1/sessions/{session_id}/switch", json_body=body,
-                                idempotency_key=idempotency_key)
+        return SwitchResult.from_json(await self._call(
+            "POST", f"/v1/sessions/{session_id}/switch", json_body=body, command=True,
+            idempotency_key=idempotency_key))
 
-    async def pause(self, session_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+    async def pause(self, session_id: str, *, idempotency_key: str | None = None) -> SessionState:
         """POST /v1/sessions/{id}/pause."""
-        return await self._call("POST", f"/v1/sessions/{session_id}/pause", idempotency_key=idempotency_key)
+        return await self._command("pause", session_id, idempotency_key)
 
-    async def resume(self, session_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+    async def resume(self, session_id: str, *, idempotency_key: str | None = None) -> SessionState:
         """POST /v1/sessions/{id}/resume."""
-        return await self._call("POST", f"/v1/sessions/{session_id}/resume", idempotency_key=idempotency_key)
+        return await self._command("resume", session_id, idempotency_key)
 
-    async def complete(self, session_id: str, *, idempotency_key: str | None = None) -> dict[str, Any]:
+    async def complete(self, session_id: str, *, idempotency_key: str | None = None) -> SessionState:
         """POST /v1/sessions/{id}/complete."""
-        return await self._call("POST", f"/v1/sessions/{session_id}/complete", idempotency_key=idempotency_key)
+        return await self._command("complete", session_id, idempotency_key)
 
-    async def delete_session(self, session_id: str) -> None:
+    async def cancel(self, session_id: str, *, idempotency_key: str | None = None) -> SessionState:
+        """POST /v1/sessions/{id}/cancel."""
+        return await self._command("cancel", session_id, idempotency_key)
+
+    async def delete_session(self, session_id: str, *, idempotency_key: str | None = None) -> None:
         """DELETE /v1/sessions/{id} (idempotent)."""
-        await self._call("DELETE", f"/v1/sessions/{session_id}")
+        await self._call("DELETE", f"/v1/sessions/{session_id}", command=True,
+                         idempotency_key=idempotency_key)
 
-    async def events(self, session_id: str, after_version: int | None = None) -> list[dict[str, Any]]:
+    async def events(self, session_id: str, after_version: int | None = None) -> list[AuditEvent]:
         """GET /v1/sessions/{id}/events: audit history, oldest first."""
         params = {"after_version": after_version} if after_version is not None else None
-        return await self._call("GET", f"/v1/sessions/{session_id}/events", params=params)
+        rows = await self._call("GET", f"/v1/sessions/{session_id}/events", params=params)
+        return [AuditEvent.from_json(r) for r in rows]
 
     # ---- devices and admin ----
 
@@ -188,15 +262,29 @@ class KairosClient:
 
     # ---- WebSocket and clock ----
 
-    def subscribe(self, session_id: str, *, reconnect: bool = True) -> Subscription:
+    def subscribe(self, session_id: str, *, reconnect: bool = True,
+                  on_state: Callable[[ConnectionState], None] | None = None) -> Subscription:
         """A WebSocket subscription to one session (use as `async with`)."""
         ws_base = "ws" + self.base_url.removeprefix("http")
-        return Subscription(self, f"{ws_base}/ws?sessionId={session_id}", reconnect=reconnect)
+        return Subscription(self, f"{ws_base}/ws?sessionId={session_id}", reconnect=reconnect,
+                            on_state=on_state)
+
+    async def sync_clock_http(self, samples: int = 8) -> ClockSample:
+        """Estimate the clock offset from several `GET /v1/time` samples (no socket needed)."""
+        found = []
+        for _ in range(max(1, samples)):
+            t1 = self.clock()
+            t = await self.time()
+            found.append(ClockSample.from_timestamps(t1, t.server_receive_ms, t.server_send_ms,
+                                                     self.clock()))
+        best = best_sample(found)
+        self.offset_ms = best.offset_ms
+        return best
 
     def server_now(self) -> float:
         """The server's clock now (epoch ms), from the local clock and the measured offset."""
         if self.offset_ms is None:
-            raise RuntimeError("clock not synchronised yet: call Subscription.sync_clock() first")
+            raise RuntimeError("clock not synchronised yet: call sync_clock() first")
         return self.clock() + self.offset_ms
 
 
@@ -209,30 +297,50 @@ class SubscriptionClosed(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionState:
+    """A subscription's connection changed: `connecting`, `connected`, `reconnecting` (with the
+    close `code`/`reason` that caused it) or `closed` (for good)."""
+
+    state: Literal["connecting", "connected", "reconnecting", "closed"]
+    code: int | None = None
+    reason: str = ""
+
+
 _FINAL_CODES = {1008, 1000}  # policy (bad id/token/forbidden) and "Session deleted": no reconnect
+_COMMANDS = ("SWITCH", "START", "PAUSE", "RESUME", "COMPLETE", "CANCEL")
 
 
 class Subscription:
-    """One session's WebSocket: frames as an async iterator, commands, PING/PONG clock sync."""
+    """One session's WebSocket: typed frames as an async iterator, commands, clock sync."""
 
-    def __init__(self, client: KairosClient, url: str, *, reconnect: bool = True) -> None:
+    def __init__(self, client: KairosClient, url: str, *, reconnect: bool = True,
+                 on_state: Callable[[ConnectionState], None] | None = None) -> None:
         self.client = client
         self.url = url
         self.reconnect = reconnect
+        self.on_state = on_state
+        self.state = ConnectionState("connecting")
         self.last_version: int | None = None
         self.connects = 0
         self._ws: ClientConnection | None = None
         self._connected = anyio.Event()
-        self._send, self._recv = anyio.create_memory_object_stream[dict[str, Any]](10_000)
+        self._send, self._recv = anyio.create_memory_object_stream[Frame](10_000)
         self._pending: dict[str, Any] = {}  # request_id / ping key -> [Event, result]
         self._ids = itertools.count(1)
         self._tg: anyio.abc.TaskGroup | None = None
         self.closed: SubscriptionClosed | None = None
         self._closing = False
 
+    def _set_state(self, state: ConnectionState) -> None:
+        self.state = state
+        if self.on_state is not None:
+            self.on_state(state)
+
     async def __aenter__(self) -> Subscription:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
+        self._set_state(ConnectionState("connecting"))
         await self._open()
         self._tg.start_soon(self._run)
         return self
@@ -248,16 +356,19 @@ class Subscription:
         return await self._tg.__aexit__(et, e, tb)
 
     async def _open(self) -> None:
-        headers = {"Authorization": f"Bearer {self.client.token}"} if self.client.token else None
+        token = await self.client.bearer()
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         self._ws = await connect(self.url, additional_headers=headers, compression=None,
                                  max_size=2**24, open_timeout=10)
         self.connects += 1
         first = json.loads(await self._ws.recv())
         if first.get("type") != "CONNECTED":
             raise SubscriptionClosed(None, f"unexpected first frame {first.get('type')}")
-        await self._send.send(first)
-        if self.connects > 1:
-            await self._ws.send(json.dumps({"type": "RECONNECT", "last_version": self.last_version}))
+        await self._send.send(Frame.from_json(first))
+        # Start from the current state on every connect: STATE_SYNC (or ERROR when the session
+        # does not exist yet; its creation then arrives as a STATE_UPDATE).
+        await self._ws.send(json.dumps({"type": "RECONNECT", "last_version": self.last_version}))
+        self._set_state(ConnectionState("connected"))
         self._connected.set()
 
     async def _run(self) -> None:
@@ -274,11 +385,14 @@ class Subscription:
             if self._closing or not self.reconnect or code in _FINAL_CODES:
                 self.closed = SubscriptionClosed(code, reason)
                 self._fail_pending(self.closed)
-                await self._send.send({"type": "CLOSED", "code": code, "reason": reason})
+                self._set_state(ConnectionState("closed", code, reason))
+                await self._send.send(Frame("CLOSED", code=code, reason=reason,
+                                            raw={"type": "CLOSED", "code": code, "reason": reason}))
                 self._send.close()
                 return
             self._connected = anyio.Event()
             self._fail_pending(ConnectionError("connection lost"))
+            self._set_state(ConnectionState("reconnecting", code, reason))
             while True:  # reconnect with capped exponential backoff
                 await anyio.sleep(delay)
                 try:
@@ -316,7 +430,7 @@ class Subscription:
                         await ws.send(json.dumps({"type": "RECONNECT", "last_version": self.last_version}))
                     if self.last_version is None or version > self.last_version or kind == "STATE_SYNC":
                         self.last_version = version
-            await self._send.send(frame)
+            await self._send.send(Frame.from_json(frame))
 
     def _fail_pending(self, exc: Exception) -> None:
         for slot in self._pending.values():
@@ -324,14 +438,14 @@ class Subscription:
             slot[0].set()
         self._pending.clear()
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+    def __aiter__(self) -> AsyncIterator[Frame]:
         return self._recv.__aiter__()
 
-    async def next_frame(self, *types: str, wait_s: float = 10.0) -> dict[str, Any]:
+    async def next_frame(self, *types: str, wait_s: float = 10.0) -> Frame:
         """The next frame (of one of `types`, if given), skipping others; TimeoutError if none."""
         with anyio.fail_after(wait_s):
             async for frame in self._recv:
-                if not types or frame.get("type") in types:
+                if not types or frame.type in types:
                     return frame
         raise SubscriptionClosed(None, "subscription ended")
 
@@ -347,22 +461,30 @@ class Subscription:
             raise slot[1]
         return slot[1]
 
-    async def command(self, kind: str, *, wait_s: float = 10.0, **fields: Any) -> dict[str, Any]:
-        """Send SWITCH/PAUSE/RESUME/START/COMPLETE; returns the ACK `data`, raises the ERROR."""
+    async def command(self, kind: str, *, wait_s: float = 10.0,
+                      **fields: Any) -> SessionState | SwitchResult:
+        """Send SWITCH/START/PAUSE/RESUME/COMPLETE/CANCEL; returns the ACK data (a SwitchResult
+        for SWITCH, else the Session), raises the ERROR as a KairosError."""
         request_id = fields.pop("request_id", None) or f"r-{next(self._ids)}"
         frame = await self._roundtrip(request_id, {"type": kind, "request_id": request_id, **fields}, wait_s)
         if frame.get("type") == "ERROR":
-            err = KairosError.from_dict(frame)
-            if "retry_after_seconds" in frame:
-                err.retry_after = frame["retry_after_seconds"]  # type: ignore[attr-defined]
-            raise err
-        return frame["data"]
+            raise _error_from(frame)
+        data = frame["data"]
+        return SwitchResult.from_json(data) if kind == "SWITCH" else SessionState.from_json(data)
 
-    async def switch(self, next_participant_id: str | None = None, **fields: Any) -> dict[str, Any]:
-        """SWITCH over the socket; returns the ACK data."""
+    async def switch(self, next_participant_id: str | None = None, **fields: Any) -> SwitchResult:
+        """SWITCH over the socket; returns the SwitchResult."""
         if next_participant_id:
             fields["next_participant_id"] = next_participant_id
-        return await self.command("SWITCH", **fields)
+        result = await self.command("SWITCH", **fields)
+        assert isinstance(result, SwitchResult)
+        return result
+
+    async def cancel(self, **fields: Any) -> SessionState:
+        """CANCEL over the socket; returns the cancelled Session."""
+        result = await self.command("CANCEL", **fields)
+        assert isinstance(result, SessionState)
+        return result
 
     async def ping(self, wait_s: float = 5.0) -> ClockSample:
         """One PING/PONG exchange -> a clock sample."""
@@ -385,3 +507,93 @@ class Subscription:
         await self._connected.wait()
         assert self._ws is not None
         await self._ws.send(json.dumps({"type": "RECONNECT", "last_version": self.last_version}))
+
+
+class KairosSync:
+    """A blocking facade over `KairosClient` for scripts and tests (runs it on a private event
+    loop thread); the same methods, without `await`."""
+
+    def __init__(self, base_url: str, token: str | TokenProvider | None = None,
+                 **options: Any) -> None:
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        self._portal = self._portal_cm.__enter__()
+        self.client: KairosClient = self._portal.call(self._make, base_url, token, options)
+
+    @staticmethod
+    async def _make(base_url: str, token: str | TokenProvider | None,
+                    options: dict[str, Any]) -> KairosClient:
+        return KairosClient(base_url, token, **options)
+
+    def __enter__(self) -> KairosSync:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the client and stop its event loop thread."""
+        try:
+            self._portal.call(self.client.aclose)
+        finally:
+            self._portal_cm.__exit__(None, None, None)
+
+    def _run(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        return self._portal.call(lambda: fn(*args, **kwargs))
+
+    def health(self) -> dict[str, Any]:
+        """GET /health."""
+        return self._run(self.client.health)
+
+    def time(self) -> ServerTime:
+        """GET /v1/time."""
+        return self._run(self.client.time)
+
+    def create_session(self, body: dict[str, Any], **kw: Any) -> SessionState:
+        """POST /v1/sessions."""
+        return self._run(self.client.create_session, body, **kw)
+
+    def get_session(self, session_id: str) -> SessionState:
+        """GET /v1/sessions/{id}."""
+        return self._run(self.client.get_session, session_id)
+
+    def start(self, session_id: str, **kw: Any) -> SessionState:
+        """POST /v1/sessions/{id}/start."""
+        return self._run(self.client.start, session_id, **kw)
+
+    def switch(self, session_id: str, next_participant_id: str | None = None,
+               **kw: Any) -> SwitchResult:
+        """POST /v1/sessions/{id}/switch."""
+        return self._run(self.client.switch, session_id, next_participant_id, **kw)
+
+    def pause(self, session_id: str, **kw: Any) -> SessionState:
+        """POST /v1/sessions/{id}/pause."""
+        return self._run(self.client.pause, session_id, **kw)
+
+    def resume(self, session_id: str, **kw: Any) -> SessionState:
+        """POST /v1/sessions/{id}/resume."""
+        return self._run(self.client.resume, session_id, **kw)
+
+    def complete(self, session_id: str, **kw: Any) -> SessionState:
+        """POST /v1/sessions/{id}/complete."""
+        return self._run(self.client.complete, session_id, **kw)
+
+    def cancel(self, session_id: str, **kw: Any) -> SessionState:
+        """POST /v1/sessions/{id}/cancel."""
+        return self._run(self.client.cancel, session_id, **kw)
+
+    def delete_session(self, session_id: str, **kw: Any) -> None:
+        """DELETE /v1/sessions/{id}."""
+        self._run(self.client.delete_session, session_id, **kw)
+
+    def events(self, session_id: str, after_version: int | None = None) -> list[AuditEvent]:
+        """GET /v1/sessions/{id}/events."""
+        return self._run(self.client.events, session_id, after_version)
+
+    def sync_clock(self, samples: int = 8) -> ClockSample:
+        """Measure the clock offset over HTTP (`GET /v1/time`)."""
+        return self._run(self.client.sync_clock_http, samples)
+
+    def server_now(self) -> float:
+        """The server's clock now (epoch ms)."""
+        return self.client.server_now()

@@ -10,7 +10,6 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -19,6 +18,7 @@ from pydantic import ValidationError as PydanticValidationError
 from quart import Blueprint, Quart, Response, current_app, request
 from quart_schema import document_querystring, document_request, document_response, tag
 
+import kairos
 from actors.clock import ClusterClock
 from kairos import commands as C
 from kairos import wire
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("kairos.http")
 
-IMPLEMENTATION = f"kairos-{version('kairos')}"
+IMPLEMENTATION = f"kairos-{kairos.__version__}"
 M = TypeVar("M", bound=BaseModel)
 
 _UUID = re.compile(S.UUID_PATTERN)

@@ -127,7 +127,7 @@ def test_pinned_requirements_cover_every_runtime_dependency_and_satisfy_pyprojec
             name, version = line.split("==")
             pins[_canon(name)] = version
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    for spec in project["dependencies"]:
+    for spec in [*project["dependencies"], *project["optional-dependencies"]["server"]]:
         req = Requirement(spec)
         assert _canon(req.name) in pins, f"{req.name} is not pinned in deploy/requirements.txt"
         assert req.specifier.contains(pins[_canon(req.name)]), f"{req.name}=={pins[_canon(req.name)]} vs {spec}"

@@ -92,10 +92,10 @@ async def test_commands_over_the_socket_answer_ack_or_error(server: KairosServer
     async with KairosClient(server.url, server.token("host-1")) as kc, kc.subscribe(sid) as sub:
         await sub.next_frame("CONNECTED")
         started = await sub.command("START")
-        assert started["status"] == "running" and started["version"] == 2
+        assert started.status == "running" and started.version == 2
         switched = await sub.command("SWITCH", request_id="r-17")
-        assert switched["active_participant_id"] == p2 and switched["version"] == 3
-        assert "expired_participant_id" not in switched
+        assert switched.active_participant_id == p2 and switched.version == 3
+        assert switched.expired_participant_id is None
         with pytest.raises(InvalidStateTransition):
             await sub.command("RESUME")
         err = await sub._roundtrip("bad-1", {"type": "SWITCH", "request_id": "bad-1",
@@ -105,7 +105,7 @@ async def test_commands_over_the_socket_answer_ack_or_error(server: KairosServer
                                     "code": "invalid_uuid"}], "request_id": "bad-1"}
         versions = []
         while len(versions) < 2:
-            versions.append((await sub.next_frame("STATE_UPDATE"))["state"]["version"])
+            versions.append((await sub.next_frame("STATE_UPDATE")).state.version)
         assert versions == [2, 3]
 
 
@@ -132,16 +132,16 @@ async def test_server_made_expiry_sends_warning_then_expired_then_update(server:
             await kc.start(sid)
             await sub.next_frame("STATE_UPDATE")
             warning = await sub.next_frame("TIME_WARNING", "TIME_EXPIRED", wait_s=5)
-            assert warning["type"] == "TIME_WARNING" and warning["participant_id"] == p1
-            assert 0 <= warning["remaining_ms"] <= 700
+            assert warning.type == "TIME_WARNING" and warning.participant_id == p1
+            assert 0 <= warning.remaining_ms <= 700
             await sub.next_frame("STATE_UPDATE")  # the warning's own change
             expired = await sub.next_frame("TIME_EXPIRED", "STATE_UPDATE", wait_s=5)
-            assert expired["type"] == "TIME_EXPIRED" and expired["participant_id"] == p1
-            assert expired["state"]["status"] == "expired"
+            assert expired.type == "TIME_EXPIRED" and expired.participant_id == p1
+            assert expired.state.status == "expired"
             update = await sub.next_frame()
-            assert update["type"] == "STATE_UPDATE" and update["state"]["status"] == "expired"
-            gone = update["state"]["participants"][0]
-            assert gone["has_expired"] is True and gone["time_remaining_ms"] == 0
+            assert update.type == "STATE_UPDATE" and update.state.status == "expired"
+            gone = update.state.participants[0]
+            assert gone.has_expired is True and gone.time_remaining_ms == 0
 
 
 async def test_delete_sends_session_deleted_then_closes_1000(server: KairosServer) -> None:
@@ -150,9 +150,9 @@ async def test_delete_sends_session_deleted_then_closes_1000(server: KairosServe
         await sub.next_frame("CONNECTED")
         await kc.delete_session(sid)
         deleted = await sub.next_frame("SESSION_DELETED")
-        assert deleted["sessionId"] == sid
+        assert deleted.session_id == sid
         closed = await sub.next_frame("CLOSED")
-        assert (closed["code"], closed["reason"]) == (1000, "Session deleted")
+        assert (closed.code, closed.reason) == (1000, "Session deleted")
         assert isinstance(sub.closed, SubscriptionClosed)
 
 
@@ -167,11 +167,11 @@ async def test_change_through_one_instance_reaches_a_socket_on_the_other(
             await ka.switch(sid)
         first = await sub.next_frame("STATE_UPDATE")
         second = await sub.next_frame("STATE_UPDATE")
-        assert [first["state"]["version"], second["state"]["version"]] == [2, 3]
-        assert second["state"]["active_participant_id"] == p2
+        assert [first.state.version, second.state.version] == [2, 3]
+        assert second.state.active_participant_id == p2
         # and a command sent over B's socket is forwarded to the owner and acknowledged
         ack = await sub.switch()
-        assert ack["active_participant_id"] == p1 and ack["version"] == 4
+        assert ack.active_participant_id == p1 and ack.version == 4
 
 
 async def test_clock_offset_with_skewed_client_clock_is_within_5_ms(server: KairosServer) -> None:
@@ -218,9 +218,9 @@ async def test_sdk_reconnects_and_resyncs_after_the_server_closes_the_socket(ser
         await sub._ws.send("x" * 70_000)  # over the 64 KB frame limit: the server closes with 1009
         await sub.next_frame("CONNECTED")
         sync = await sub.next_frame("STATE_SYNC")
-        assert sync["state"]["version"] == 2 and sub.connects == 2
+        assert sync.state.version == 2 and sub.connects == 2
         await kc.switch(sid)
-        assert (await sub.next_frame("STATE_UPDATE"))["state"]["active_participant_id"] == p2
+        assert (await sub.next_frame("STATE_UPDATE")).state.active_participant_id == p2
 
 
 class _FakeSocket:
