@@ -3,29 +3,38 @@
 A watcher is a callable taking the update-message bytes (`kairos.wire.update_message`). The first
 watcher of a session subscribes its channel, the last one to leave unsubscribes it. Callbacks run
 on the reader task and must not block (the web layer only enqueues frames).
+
+Redis pub/sub is fire-and-forget: whatever is published while the connection is down is lost, and
+redis-py resubscribes silently when it reconnects. So after every reconnect `on_gap` is called
+with the sessions watched at that moment, once the channels are subscribed again: the watchers
+must re-read those sessions (the web layer sends each socket a fresh STATE_SYNC).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 import anyio
 import redis.asyncio as aioredis
 import structlog
 
+from actors import metrics
 from actors.keys import Keys
 
 log = structlog.get_logger("kairos.fanout")
 
 Watcher = Callable[[bytes], None]
+GapHandler = Callable[[list[str]], Awaitable[None]]
 
 
 class FanOut:
     """`async with FanOut(redis, key_prefix=...) as fanout:`; then `watch(session_id, fn)` / `unwatch`."""
 
-    def __init__(self, redis: aioredis.Redis, *, key_prefix: str = "kairos:") -> None:
+    def __init__(self, redis: aioredis.Redis, *, key_prefix: str = "kairos:",
+                 on_gap: GapHandler | None = None) -> None:
         self._redis = redis
+        self._on_gap = on_gap
         self._keys = Keys(key_prefix)
         self._watchers: dict[str, set[Watcher]] = {}
         self._by_channel: dict[bytes, str] = {}
@@ -68,7 +77,12 @@ class FanOut:
             assert self._pubsub is not None
             if session_id in self._watchers:  # a fast unwatch may have raced us
                 await self._pubsub.subscribe(channel)
-                self._ready.set()
+                if not self._ready.is_set():
+                    # redis-py calls this on every later reconnect of the pub/sub connection,
+                    # after its own callback has resubscribed the channels.
+                    assert self._pubsub.connection is not None
+                    self._pubsub.connection.register_connect_callback(self._reconnected)
+                    self._ready.set()
 
     async def unwatch(self, session_id: str, watcher: Watcher) -> None:
         """Stop relaying to `watcher`; unsubscribes after the last watcher of the session left."""
@@ -85,6 +99,20 @@ class FanOut:
             if session_id not in self._watchers:
                 self._by_channel.pop(channel.encode(), None)
                 await self._pubsub.unsubscribe(channel)
+
+    def _reconnected(self, _connection: object) -> None:
+        sessions = list(self._watchers)
+        log.warning("fanout reconnected; watchers re-sync", sessions=len(sessions))
+        metrics.FANOUT_RECONNECTS.inc()
+        if self._on_gap is not None and sessions and self._tg is not None:
+            self._tg.start_soon(self._fill_gap, sessions)
+
+    async def _fill_gap(self, sessions: list[str]) -> None:
+        assert self._on_gap is not None
+        try:
+            await self._on_gap(sessions)
+        except Exception:  # a failed re-sync must not take the relay down with it
+            log.exception("fanout re-sync failed", sessions=len(sessions))
 
     async def _reader(self) -> None:
         assert self._pubsub is not None

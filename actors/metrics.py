@@ -34,3 +34,7 @@ CLOCK_OFFSET = Gauge(
 CLOCK_ERROR = Gauge(
     "kairos_clock_error_seconds", "Bound on the error of the cluster time this instance uses",
 )
+FANOUT_RECONNECTS = Counter(
+    "kairos_fanout_reconnects_total",
+    "Pub/sub reconnects of the fan-out (each re-syncs every watched session's sockets)",
+)

@@ -175,6 +175,31 @@ class Relays:
             del self.relays[session_id]
             await self.svc.fanout.unwatch(session_id, relay)
 
+    async def resync(self, session_ids: list[str]) -> None:
+        """After a fan-out gap (pub/sub reconnect): a fresh STATE_SYNC to every socket of these
+        sessions, or close 1012 so the client reconnects and re-syncs if the state is unreadable."""
+        gate = anyio.CapacityLimiter(16)
+
+        async def one(sid: str) -> None:
+            async with gate:
+                relay = self.relays.get(sid)
+                if relay is None:
+                    return
+                try:
+                    frame = state_sync_frame(sid, await self.svc.host.get(sid), self.svc.clock())
+                except Exception as exc:
+                    log.warning("re-sync failed; closing the session's sockets", session_id=sid,
+                                error=str(exc))
+                    for sock in list(relay.sockets):
+                        sock.close(1012, "Service restart")
+                    return
+                for sock in list(relay.sockets):
+                    sock.push(frame)
+
+        async with anyio.create_task_group() as tg:
+            for sid in session_ids:
+                tg.start_soon(one, sid)
+
     async def close_all(self, code: int, reason: str) -> None:
         """Close every socket (drain: 1012, shutdown: 1001) and wait briefly for them to go."""
         for sock in list(self.sockets):
@@ -190,6 +215,12 @@ class Relays:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
+
+
+def state_sync_frame(sid: str, state: Any, now: int) -> str:
+    """The STATE_SYNC frame: the session's whole current state."""
+    return _dumps({"type": "STATE_SYNC", "sessionId": sid, "timestamp": now,
+                   "state": wire.session_json(state, now)})
 
 
 def register_ws(app: Quart, svc: Services) -> None:
@@ -321,9 +352,7 @@ async def _state_sync(svc: Services, sid: str, caller: A.Caller) -> None:
     except Exception as exc:
         await websocket.send(W.ws_error_frame(W.as_kairos_error(exc)))
         return
-    now = svc.clock()
-    await websocket.send(_dumps({"type": "STATE_SYNC", "sessionId": sid, "timestamp": now,
-                                 "state": wire.session_json(state, now)}))
+    await websocket.send(state_sync_frame(sid, state, svc.clock()))
 
 
 def _request_id(msg: dict[str, Any]) -> str | None:

@@ -49,3 +49,34 @@ async def test_subscribe_on_first_watcher_unsubscribe_on_last(redis_url: str, ke
             assert a == [b"update-1", b"other"] and b == [b"update-1"]
     finally:
         await client.aclose()
+
+
+async def test_a_dropped_pubsub_connection_resubscribes_and_reports_the_gap(
+    redis_url: str, key_prefix: str
+) -> None:
+    keys = Keys(key_prefix)
+    name = f"fanout-test-{key_prefix.strip(':').replace(':', '-')}"
+    watcher = aioredis.from_url(redis_url, client_name=name)
+    client = aioredis.from_url(redis_url)
+    got: list[bytes] = []
+    gaps: list[list[str]] = []
+
+    async def on_gap(sessions: list[str]) -> None:
+        gaps.append(sessions)
+
+    try:
+        async with FanOut(watcher, key_prefix=key_prefix, on_gap=on_gap) as fanout:
+            await fanout.watch("s1", got.append)
+            await fanout.watch("s2", got.append)
+            assert gaps == []
+            ids = [c["id"] for c in await client.client_list() if c.get("name") == name]
+            assert len(ids) == 1
+            await client.client_kill_filter(_id=ids[0])
+            await eventually(lambda: gaps, what="the gap reported after the reconnect")
+            assert sorted(gaps[0]) == ["s1", "s2"]
+            # subscribed again before the gap was reported: a new update arrives
+            await client.publish(keys.channel("s1"), b"after")
+            await eventually(lambda: got == [b"after"], what="relay after the reconnect")
+    finally:
+        await client.aclose()
+        await watcher.aclose()

@@ -295,3 +295,48 @@ async def test_instance_unsubscribes_after_its_last_socket_leaves(
         await eventually(unsubscribed, within=5, what="the server's unsubscribe after the last socket")
     finally:
         await client.aclose()
+
+
+async def test_sockets_get_a_state_sync_after_the_fanout_connection_drops(
+    server: KairosServer, redis_url: str
+) -> None:
+    """Issue 9 defect 3: whatever was published while the pub/sub connection was down is lost;
+    after the reconnect every socket gets a fresh STATE_SYNC (the idle one too)."""
+    import anyio
+    import redis.asyncio as aioredis
+
+    idle, _ = make_session(server)
+    busy, _ = make_session(server)
+    tok = server.token("host-1")
+    name = f"kairos-fanout:{server.env['KAIROS_INSTANCE_ID']}"
+    client = aioredis.from_url(redis_url)
+    try:
+        async with connect(f"{server.ws_url}?sessionId={idle}&token={tok}") as a, \
+                connect(f"{server.ws_url}?sessionId={busy}&token={tok}") as b, \
+                httpx.AsyncClient(base_url=server.url, headers=bearer(tok)) as http:
+            assert json.loads(await a.recv())["type"] == json.loads(await b.recv())["type"] == "CONNECTED"
+            await http.post(f"/v1/sessions/{busy}/start")
+            assert json.loads(await b.recv())["state"]["version"] == 2
+            ids = [c["id"] for c in await client.client_list() if c.get("name") == name]
+            assert len(ids) == 1, "the instance's fan-out connection is named after it"
+            await client.client_kill_filter(_id=ids[0])
+            # a switch right after the drop: its update may be published before the resubscribe
+            switched = await http.post(f"/v1/sessions/{busy}/switch")
+            assert switched.status_code == 200, switched.text
+            version = switched.json()["data"]["version"]
+
+            async def synced(ws: object, at_least: int) -> int:
+                """Read until a STATE_SYNC came and `at_least` was seen (by it or a later update:
+                the sync reads the state after the resubscribe, so nothing newer is lost)."""
+                got_sync, newest = False, 0
+                with anyio.fail_after(10):
+                    while not (got_sync and newest >= at_least):
+                        frame = json.loads(await ws.recv())  # type: ignore[attr-defined]
+                        got_sync = got_sync or frame["type"] == "STATE_SYNC"
+                        newest = max(newest, frame["state"]["version"])
+                return newest
+
+            assert await synced(a, 1) == 1  # the idle session is re-synced too
+            assert await synced(b, version) == version
+    finally:
+        await client.aclose()
