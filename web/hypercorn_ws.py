@@ -1,21 +1,80 @@
-"""Two WebSocket behaviours Hypercorn lacks, patched in at start-up (Hypercorn 0.16-0.18).
+"""WebSocket behaviours Hypercorn lacks, patched in at start-up (Hypercorn 0.16-0.18).
 
 - permessage-deflate off: server-side compression tripled memory per socket (38 -> 131 KB) here.
 - heartbeat: Hypercorn sends a protocol ping every `websocket_ping_interval` but never notices a
   missing pong; we drop a socket that has not answered the previous ping (docs/websocket.md: 5 s heartbeat).
+- raw writes: fan-out frames are the same bytes for every watcher (server frames are unmasked),
+  so the web layer frames an update once and writes it straight to each socket's TCP transport
+  (`RawSocket`), instead of one task and one trip through ASGI/wsproto per socket and frame.
+  Hypercorn's own writes (handshake, replies, pings, close) are whole frames too, so the two
+  never interleave inside a frame.
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
+from collections.abc import Mapping
+from typing import Any
 
 from hypercorn.protocol import ws_stream as H
 from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h11 import H11Protocol
+from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping, Pong
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError  # noqa: F401 - import check for the wsproto API
 
 _applied = False
+_STREAM = "kairos.ws_stream"  # scope["extensions"] key of the Hypercorn stream behind a socket
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A complete unmasked (server) text frame: FIN, opcode 1, minimal length encoding."""
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", 0x81, n) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+class RawSocket:
+    """The TCP transport under one accepted HTTP/1.1 WebSocket, for writing ready-made frames."""
+
+    __slots__ = ("stream", "transport")
+
+    def __init__(self, stream: Any, transport: asyncio.WriteTransport) -> None:
+        self.stream, self.transport = stream, transport
+
+    @classmethod
+    def of(cls, scope: Mapping[str, Any]) -> RawSocket | None:
+        """The raw socket of an accepted WebSocket; None if it is not plain HTTP/1.1 over TCP
+        (an HTTP/2 WebSocket shares its connection: frames must go through Hypercorn)."""
+        stream = scope.get("extensions", {}).get(_STREAM)
+        h11 = getattr(getattr(stream, "send", None), "__self__", None)
+        if not isinstance(h11, H11Protocol):
+            return None
+        tcp = getattr(h11.send, "__self__", None)
+        transport = getattr(getattr(tcp, "writer", None), "transport", None)
+        return None if transport is None else cls(stream, transport)
+
+    def writable(self) -> bool:
+        """Open both ways: no close frame sent or received, transport not closing."""
+        return (not self.stream.closed and self.stream.connection.state is ConnectionState.OPEN
+                and not self.transport.is_closing())
+
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the kernel (a reader that stopped reading)."""
+        return self.transport.get_write_buffer_size()
+
+    def write(self, frames: bytes) -> None:
+        """Write whole frames (no await: it goes to the kernel or the transport's buffer)."""
+        self.transport.write(frames)
+
+    def abort(self) -> None:
+        """Drop the connection at once (a reader so slow that not even a close frame gets out)."""
+        self.transport.abort()
 
 
 def apply() -> None:
@@ -37,6 +96,9 @@ def apply() -> None:
 
     async def handle(self: H.WSStream, event: object) -> None:
         await original_handle(self, event)
+        scope = getattr(self, "scope", None)
+        if scope is not None and _STREAM not in scope["extensions"]:
+            scope["extensions"][_STREAM] = self  # read by RawSocket.of once the app accepted
         if isinstance(event, StreamClosed):
             # Stop the ping loop now: otherwise the connection's task lingers for up to one
             # ping interval after the socket closed, and shutdown waits for it.

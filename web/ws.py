@@ -1,9 +1,11 @@
 """WebSocket `/ws?sessionId=…`: subscribe to a session, receive its changes, send commands.
 
 Each instance relays a session's update messages (from `actors.fanout`) to its sockets. A
-`Relay` per watched session turns one update message into frames ONCE and puts the same strings
-on every socket's bounded queue; a socket whose queue is full is dropped (close 1013) so a slow
-client never delays the others.
+`Relay` per watched session turns one update message into frames ONCE — serialised once, framed
+once (server frames are unmasked, so the bytes are the same for every socket) — and writes them
+to each local socket's transport in one pass: no per-socket task or await on that path. A socket
+whose unsent bytes stay above its bound (a client that stopped reading) is dropped with 1013, so
+a slow client never delays the others.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kairos.errors import KairosError, RateLimited, SessionNotFound, UnknownComm
 from web import auth as A
 from web import errors as W
 from web import metrics
+from web.hypercorn_ws import RawSocket, text_frame
 from web.schemas import UUID_PATTERN, unstorable
 
 if TYPE_CHECKING:
@@ -34,37 +37,86 @@ log = structlog.get_logger("kairos.ws")
 _UUID = re.compile(UUID_PATTERN)
 _COMMANDS = {"SWITCH", "PAUSE", "RESUME", "START", "COMPLETE", "CANCEL"}
 _FREEZE_EVERY = 1000  # socket joins between two gc.freeze() calls
+# KAIROS_WS_SEND_QUEUE counts frames; unsent bytes are what a transport can measure, so the bound
+# is that many frames of this size (256 KB by default, on top of what the kernel buffers).
+_BYTES_PER_FRAME = 1024
+
+
+class Frames:
+    """Frames to send, made once per update: their texts and, framed, their wire bytes."""
+
+    __slots__ = ("texts", "data")
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.data = b"".join(text_frame(t.encode()) for t in texts)
 
 
 class Socket:
-    """One connected client: its bounded outgoing queue and a way to close it from elsewhere."""
+    """One connected client: frames are written straight to its transport (`RawSocket`), or —
+    when it has none (an HTTP/2 WebSocket) — queued for a sender task; closable from elsewhere."""
 
-    def __init__(self, queue_size: int) -> None:
-        self.send_stream, self.recv_stream = anyio.create_memory_object_stream[str](queue_size)
+    def __init__(self, queue_size: int, raw: RawSocket | None = None) -> None:
+        self.raw = raw
+        self.limit = queue_size * _BYTES_PER_FRAME
+        # Frames that arrive between the subscription and the CONNECTED frame wait here.
+        self.held: list[bytes] | None = [] if raw is not None else None
+        self.queue: anyio.abc.ObjectSendStream[str] | None = None
+        self.recv_stream: anyio.abc.ObjectReceiveStream[str] | None = None
+        if raw is None:
+            self.queue, self.recv_stream = anyio.create_memory_object_stream[str](queue_size)
         self.close_code: int | None = None
         self.close_reason = ""
         self.closing = anyio.Event()  # someone asked to close this socket
-        self.flushed = anyio.Event()  # the sender has written out everything queued
+        self.flushed = anyio.Event()  # everything queued before the close went out
 
-    def push(self, frame: str) -> bool:
-        """Queue a frame; False (and the socket is marked for closing) when the queue is full."""
+    def send(self, frames: Frames) -> bool:
+        """Write (or queue) frames without waiting; False (and the socket is marked for closing
+        with 1013) when the client has let too much pile up."""
+        if self.close_code is not None:
+            return False
+        raw = self.raw
+        if self.held is not None:
+            if len(self.held) >= self.limit // _BYTES_PER_FRAME:
+                return self._too_slow()
+            self.held.append(frames.data)
+            return True
+        if raw is not None:
+            if not raw.writable():
+                return False
+            if raw.buffered() > self.limit:
+                return self._too_slow()
+            raw.write(frames.data)
+            return True
+        assert self.queue is not None
         try:
-            self.send_stream.send_nowait(frame)
+            for text in frames.texts:
+                self.queue.send_nowait(text)
             return True
         except anyio.WouldBlock:
-            metrics.WS_DROPPED.inc()
-            self.close(1013, "Client too slow", flush=False)
-            return False
+            return self._too_slow()
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
+
+    def connected(self) -> None:
+        """CONNECTED has been written: from now on frames go straight out (held ones first)."""
+        held, self.held = self.held, None
+        if held and self.raw is not None and self.raw.writable():
+            self.raw.write(b"".join(held))
+
+    def _too_slow(self) -> bool:
+        metrics.WS_DROPPED.inc()
+        self.close(1013, "Client too slow", flush=False)
+        return False
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
         """Ask to close; with `flush` the frames already queued (e.g. SESSION_DELETED) go first."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-        self.send_stream.close()
-        if not flush:
-            self.flushed.set()
+        if self.queue is not None:
+            self.queue.close()
+        if self.raw is not None or not flush:
+            self.flushed.set()  # raw writes are in the transport already
         self.closing.set()
 
 
@@ -72,15 +124,15 @@ class GatedSocket(Socket):
     """A socket opened before its session existed: its frames flow once the first state shows
     that the caller may read the session; otherwise it is closed with 1008 "Forbidden"."""
 
-    def __init__(self, queue_size: int, caller: A.Caller) -> None:
-        super().__init__(queue_size)
+    def __init__(self, queue_size: int, caller: A.Caller, raw: RawSocket | None = None) -> None:
+        super().__init__(queue_size, raw)
         self.caller = caller
         self.allowed = False
 
-    def push(self, frame: str) -> bool:
-        """Queue a frame once the caller is known to be allowed to read the session."""
+    def send(self, frames: Frames) -> bool:
+        """Send frames once the caller is known to be allowed to read the session."""
         if not self.allowed:
-            state = json.loads(frame).get("state")
+            state = json.loads(frames.texts[-1]).get("state")
             if state is None:
                 return True  # nothing to judge by yet (and nothing worth showing)
             try:
@@ -89,7 +141,7 @@ class GatedSocket(Socket):
                 self.close(1008, "Forbidden", flush=False)
                 return False
             self.allowed = True
-        return super().push(frame)
+        return super().send(frames)
 
 
 class Relay:
@@ -100,19 +152,22 @@ class Relay:
         self.sockets: set[Socket] = set()
 
     def __call__(self, message: bytes) -> None:
-        """Fan-out watcher: build the frames once, queue the same strings on every socket."""
+        """Fan-out watcher: frame the update once, write the same bytes to every socket."""
         try:
-            frames, deleted = update_frames(message)
+            texts, deleted = update_frames(message)
         except (ValueError, KeyError, TypeError):
             log.warning("undecodable update message", session_id=self.session_id)
             return
         metrics.WS_MESSAGES.labels("out", "STATE_UPDATE").inc(len(self.sockets))
-        for sock in list(self.sockets):
-            for frame in frames:
-                if not sock.push(frame):
-                    break
-            if deleted:
+        self.send(Frames(texts))
+        if deleted:
+            for sock in self.sockets:
                 sock.close(1000, "Session deleted")
+
+    def send(self, frames: Frames) -> None:
+        """One pass over the sockets, no await: `Socket.send` never blocks."""
+        for sock in self.sockets:
+            sock.send(frames)
 
 
 def update_frames(message: bytes) -> tuple[list[str], bool]:
@@ -193,8 +248,7 @@ class Relays:
                     for sock in list(relay.sockets):
                         sock.close(1012, "Service restart")
                     return
-                for sock in list(relay.sockets):
-                    sock.push(frame)
+                relay.send(Frames([frame]))
 
         async with anyio.create_task_group() as tg:
             for sid in session_ids:
@@ -269,28 +323,36 @@ def register_ws(app: Quart, svc: Services) -> None:
         except KairosError:
             await websocket.close(1008, "Forbidden")
             return
-        queue = svc.settings.ws_send_queue
-        sock = GatedSocket(queue, caller) if gated else Socket(queue)
+        queue, raw = svc.settings.ws_send_queue, RawSocket.of(websocket.scope)
+        sock = GatedSocket(queue, caller, raw) if gated else Socket(queue, raw)
         metrics.WS_CONNECTIONS.inc()
         structlog.contextvars.bind_contextvars(session_id=sid, sub=caller.sub)
         log.info("websocket connected", client=_peer(svc), user_agent=websocket.headers.get("User-Agent"))
         try:
+            # Subscribed before CONNECTED (a client may act on it at once); what arrives in
+            # between is held by the socket and written right after CONNECTED.
             await relays.join(sid, sock)
             await websocket.send(_dumps({"type": "CONNECTED", "sessionId": sid, "timestamp": clock()}))
+            sock.connected()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_sender, sock)
+                if sock.raw is None:
+                    tg.start_soon(_sender, sock)
                 tg.start_soon(_receiver, svc, sid, caller, sock)
                 await sock.closing.wait()
                 with anyio.move_on_after(2):  # a client that never reads cannot hold us here
                     await sock.flushed.wait()
                 tg.cancel_scope.cancel()
             if sock.close_code is not None:
-                await websocket.close(sock.close_code, sock.close_reason)
+                with anyio.move_on_after(2) as scope:
+                    await websocket.close(sock.close_code, sock.close_reason)
+                if scope.cancelled_caught and sock.raw is not None:
+                    sock.raw.abort()  # not even the close frame got out: the client stopped reading
         finally:
             metrics.WS_CONNECTIONS.dec()
             # close code None: the client went away (or its connection dropped)
             log.info("websocket disconnected", code=sock.close_code, reason=sock.close_reason)
-            sock.send_stream.close()
+            if sock.queue is not None:
+                sock.queue.close()
             with anyio.CancelScope(shield=True):  # a disconnect cancels us; still unsubscribe
                 await relays.leave(sid, sock)
 
@@ -300,6 +362,7 @@ def _peer(svc: Services) -> str:
 
 
 async def _sender(sock: Socket) -> None:
+    assert sock.recv_stream is not None
     try:
         async for frame in sock.recv_stream:
             await websocket.send(frame)

@@ -9,9 +9,10 @@ from pydantic import ValidationError
 
 from kairos.errors import RateLimited
 from web.errors import error_body, from_pydantic, ws_error_frame
+from web.hypercorn_ws import RawSocket
 from web.limits import ClientAddress, GeneralLimiter
 from web.schemas import CreateSession
-from web.ws import Socket, update_frames
+from web.ws import Frames, Socket, update_frames
 
 
 class FakeClock:
@@ -77,10 +78,51 @@ def test_update_frames_for_a_deletion() -> None:
 
 
 def test_a_full_socket_queue_drops_the_socket_without_blocking() -> None:
-    sock = Socket(2)
-    assert sock.push("a") and sock.push("b")
-    assert not sock.push("c")
+    sock = Socket(2)  # no raw transport (an HTTP/2 WebSocket): the queued path
+    assert sock.send(Frames(["a"])) and sock.send(Frames(["b"]))
+    assert not sock.send(Frames(["c"]))
     assert sock.close_code == 1013 and sock.closing.is_set() and sock.flushed.is_set()
+
+
+class _Transport:
+    """Stands in for the TCP transport of a client that reads nothing: every byte stays buffered."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Stream:
+    closed = False
+
+    class connection:  # noqa: N801 - mimics wsproto's attribute
+        from wsproto.connection import ConnectionState
+        state = ConnectionState.OPEN
+
+
+def test_frames_are_framed_once_and_a_reader_that_stops_is_dropped_at_its_bound() -> None:
+    transport = _Transport()
+    sock = Socket(2, RawSocket(_Stream(), transport))  # type: ignore[arg-type]
+    early = Frames(["before CONNECTED"])
+    assert sock.send(early) and transport.data == b""  # held until CONNECTED is out
+    sock.connected()
+    assert bytes(transport.data) == early.data
+    transport.data.clear()
+    frames = Frames(["x" * 1100, "\u00e9"])
+    # one unmasked text frame each (16-bit length for 1100 bytes), UTF-8 payloads
+    assert frames.data == b"\x81\x7e\x04\x4c" + b"x" * 1100 + b"\x81\x02\xc3\xa9"
+    assert sock.send(frames) and bytes(transport.data) == frames.data
+    assert sock.send(frames)  # below the bound (2 frames of 1 KB) before this write
+    assert not sock.send(frames)
+    assert sock.close_code == 1013 and sock.closing.is_set() and len(transport.data) == 2 * len(frames.data)
 
 
 def test_pydantic_errors_become_dotted_details() -> None:
