@@ -185,6 +185,7 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
     stack.push_async_callback(svc.redis.aclose)
     tg = await stack.enter_async_context(anyio.create_task_group())
     svc.task_group = tg
+    tg.start_soon(metrics.watch_loop_lag)
     stack.callback(tg.cancel_scope.cancel)
     clock = svc.clock
     try:  # measured before the host starts, so it claims sessions from the start

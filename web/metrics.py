@@ -6,9 +6,11 @@ Runtime metrics (leases claimed, deadline lateness, audit lag, push results) are
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -30,6 +32,21 @@ WS_CONNECTIONS = Gauge("kairos_ws_connections", "Open WebSocket connections")
 WS_MESSAGES = Counter("kairos_ws_messages_total", "WebSocket messages", ["direction", "type"])
 WS_DROPPED = Counter("kairos_ws_dropped_total", "Sockets dropped because their send queue overflowed")
 ACTORS_ACTIVE = Gauge("kairos_actors_active", "Session actors live on this instance")
+
+
+LOOP_LAG = Histogram(
+    "kairos_event_loop_lag_seconds",
+    "How late the event loop woke a 100 ms timer: the wait any timer, expiry or reply sees",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+
+async def watch_loop_lag(period_s: float = 0.1) -> None:
+    """Sleep `period_s` over and over and record how late each wake-up was (runs forever)."""
+    while True:
+        t0 = time.perf_counter()
+        await anyio.sleep(period_s)
+        LOOP_LAG.observe(max(0.0, time.perf_counter() - t0 - period_s))
 
 
 def observe_command(host: Any, session_id: str, command: str, seconds: float, reply: Any = None) -> None:

@@ -264,6 +264,7 @@ async def test_metrics_show_ws_commands_connections_and_actors(server: KairosSer
             text = (await http.get(f"{server.url}/metrics")).text
     assert 'kairos_command_seconds_count{command="start",path="local"}' in text
     assert "kairos_ws_connections " in text and "kairos_actors_active " in text
+    assert "kairos_event_loop_lag_seconds_count " in text
     connections = next(float(line.split()[1]) for line in text.splitlines()
                        if line.startswith("kairos_ws_connections "))
     assert connections >= 1
