@@ -29,22 +29,45 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._wsraw import RawWs, open_ws  # noqa: E402
+from bench._wsraw import RawWs, open_ws
+from bench.client import RawHttp, start_session
+from bench.report import BenchError, Report
+from bench.servers import process_cpu_s
+from bench.stats import quantile
+from bench.target import Target, add_target_arguments, check_target_arguments, kairos
 
 _REPO = str(Path(__file__).resolve().parent.parent)
-_TARGET_P99_MS = {100: 5, 1000: 20, 5000: 60, 10000: 100}
-_TARGET_CONNECT_S = {1000: 0.2, 10000: 2.0}
+TARGET_P99_MS = {100: 5, 1000: 20, 5000: 60, 10000: 100}
+TARGET_CONNECT_S = {1000: 0.2, 10000: 2.0}
+QUICK: dict[str, Any] = {"sockets": "50", "switches": 5, "clients": 2}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `bench fanout`."""
+    p.add_argument("--sockets", default="100,1000,5000", help="comma-separated numbers of watchers")
+    p.add_argument("--sessions", type=int, default=1, help="sessions the watchers are spread over")
+    p.add_argument("--clients", type=int, default=4, help="client processes holding the watchers")
+    p.add_argument("--switches", type=int, default=30, help="measured switches per size (after 3 warm-up)")
+    p.add_argument("--concurrency", type=int, default=64, help="connects in flight per client process")
+    add_target_arguments(p)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Sizes must be positive whole numbers; target options must agree."""
+    check_target_arguments(args)
+    try:
+        sizes = [int(x) for x in str(args.sockets).split(",")]
+    except ValueError as e:
+        raise BenchError(f"--sockets must be comma-separated numbers, got {args.sockets!r}") from e
+    if min(*sizes, args.sessions, args.clients, args.switches, args.concurrency) < 1:
+        raise BenchError("--sockets, --sessions, --clients, --switches and --concurrency must be positive")
 
 
 def pct(samples: list[float], q: float) -> float:
     """The q-quantile (nearest rank) of `samples`; nan when empty."""
-    if not samples:
-        return float("nan")
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))]
+    return quantile(sorted(samples), q) if samples else float("nan")
 
 
 # ---------------------------------------------------------------- client process
@@ -86,13 +109,13 @@ class Watchers:
             if fut is not None and n >= self.per_session[ws.tag] and not fut.done():  # type: ignore[index]
                 fut.set_result(None)
 
-    async def connect(self, host: str, port: int, token: str, sid: str, gate: asyncio.Semaphore,
+    async def connect(self, host: str, port: int, auth: str, sid: str, gate: asyncio.Semaphore,
                       times: list[float]) -> None:
         """Open one socket and wait for its CONNECTED frame; its connect time goes to `times`."""
         async with gate:
             t0 = time.monotonic_ns()
             try:
-                ws = await open_ws(host, port, f"/ws?sessionId={sid}&token={token}", self.on_text)
+                ws = await open_ws(host, port, f"/ws?sessionId={sid}{auth}", self.on_text)
             except OSError:
                 return
             ws.tag = sid
@@ -124,7 +147,7 @@ async def _lag_probe(lags: list[float], period_s: float = 0.005) -> None:
         lags.append((time.perf_counter() - t0 - period_s) * 1000)
 
 
-async def _client(host: str, port: int, token: str, concurrency: int) -> None:
+async def _client(host: str, port: int, auth: str, concurrency: int) -> None:
     """One client process: reads JSON commands on stdin, answers one JSON line each on stdout."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 26)
@@ -148,7 +171,7 @@ async def _client(host: str, port: int, token: str, concurrency: int) -> None:
             gate = asyncio.Semaphore(concurrency)
             times: list[float] = []
             start = time.monotonic_ns()
-            await asyncio.gather(*(w.connect(host, port, token, sid, gate, times) for sid in sids))
+            await asyncio.gather(*(w.connect(host, port, auth, sid, gate, times) for sid in sids))
             answer({"start_ns": start, "end_ns": time.monotonic_ns(), "connected": len(times),
                     "failed": len(sids) - len(times), "connect_ms": times})
             probe = asyncio.create_task(_lag_probe(w.lag_ms))
@@ -178,9 +201,12 @@ class ClientProc:
         self.proc, self.sids = proc, sids
 
     @classmethod
-    async def spawn(cls, host: str, port: int, token: str, sids: list[str], concurrency: int) -> ClientProc:
+    async def spawn(cls, target: Target, sids: list[str], concurrency: int) -> ClientProc:
+        u = urlsplit(target.url)
+        auth = f"&token={target.token}" if target.token else ""
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.fanout", "--client", host, str(port), token, str(concurrency),
+            sys.executable, "-m", "bench.fanout", "--client", u.hostname or "127.0.0.1", str(u.port or 80),
+            auth, str(concurrency),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=1 << 28,
             cwd=_REPO)
         return cls(proc, sids)
@@ -218,15 +244,6 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of one process so far."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def socket_fds(pid: int) -> int:
     """Open sockets of one process."""
     n = 0
@@ -250,28 +267,13 @@ def serving_pids(pid: int) -> list[int]:
 # ---------------------------------------------------------------- coordinator
 
 
-async def _http(host: str, port: int, token: str, method: str, path: str, body: Any = None) -> Any:
-    import httpx
-
-    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30,
-                                 headers={"Authorization": f"Bearer {token}"}) as c:
-        r = await c.request(method, path, json=body)
-        r.raise_for_status()
-        return r.json() if r.content else None
-
-
-async def make_sessions(host: str, port: int, token: str, k: int) -> list[str]:
+async def make_sessions(target: Target, k: int) -> list[str]:
     """`k` running sessions of two participants with a day on each clock."""
-    sids = []
-    for _ in range(k):
-        body = {"session_id": str(uuid.uuid4()), "sync_mode": "per_participant",
-                "total_time_ms": 86_400_000,
-                "participants": [{"participant_id": str(uuid.uuid4()), "total_time_ms": 86_400_000}
-                                 for _ in range(2)]}
-        await _http(host, port, token, "POST", "/v1/sessions", body)
-        await _http(host, port, token, "POST", f"/v1/sessions/{body['session_id']}/start")
-        sids.append(body["session_id"])
-    return sids
+    conn = await RawHttp(target.url, target.token).open()
+    try:
+        return [await start_session(conn) for _ in range(k)]
+    finally:
+        conn.close()
 
 
 class Driver:
@@ -287,19 +289,23 @@ class Driver:
         if fut is not None and not fut.done():
             fut.set_result(frame)
 
-    async def open(self, host: str, port: int, token: str, sids: list[str]) -> None:
+    async def open(self, target: Target, sids: list[str]) -> None:
+        u = urlsplit(target.url)
+        auth = f"&token={target.token}" if target.token else ""
         for sid in sids:
-            self.sockets[sid] = await open_ws(host, port, f"/ws?sessionId={sid}&token={token}", self.on_text)
+            self.sockets[sid] = await open_ws(u.hostname or "127.0.0.1", u.port or 80,
+                                              f"/ws?sessionId={sid}{auth}", self.on_text)
 
-    async def switch(self, sid: str) -> tuple[int, int]:
-        """Send SWITCH; returns (send time in monotonic ns, the new version)."""
+    async def switch(self, sid: str) -> tuple[int, int, int]:
+        """Send SWITCH; returns (send time in monotonic ns, the new version, ACK time in ns)."""
         rid = uuid.uuid4().hex
         fut = self.acks[rid] = asyncio.get_running_loop().create_future()
         t0 = time.monotonic_ns()
         self.sockets[sid].send_text(json.dumps({"type": "SWITCH", "request_id": rid}))
         frame = await asyncio.wait_for(fut, 30)
-        assert frame["type"] == "ACK", frame
-        return t0, frame["data"]["version"]
+        if frame["type"] != "ACK":
+            raise BenchError(f"SWITCH answered {frame}")
+        return t0, frame["data"]["version"], time.monotonic_ns()
 
     def close(self) -> None:
         for ws in self.sockets.values():
@@ -307,44 +313,46 @@ class Driver:
                 ws.transport.close()
 
 
-async def measure(host: str, port: int, token: str, pid: int | None, sockets: int, sids: list[str],
-                  clients: int, switches: int, concurrency: int) -> dict[str, Any]:
+async def measure(target: Target, sockets: int, sids: list[str], clients: int, switches: int,
+                  concurrency: int) -> dict[str, Any]:
     """One size: connect `sockets` watchers, run `switches` switches, gather the figures."""
-    pids = serving_pids(pid) if pid else []
+    pids = serving_pids(target.pid) if target.pid else []
     rss0 = sum(rss_kb(p) for p in pids)
     fds0 = [socket_fds(p) for p in pids]
     assign = [sids[i % len(sids)] for i in range(sockets)]
     shares = [assign[i::clients] for i in range(clients)]
-    procs = [await ClientProc.spawn(host, port, token, share, concurrency) for share in shares if share]
+    procs = [await ClientProc.spawn(target, share, concurrency) for share in shares if share]
     driver = Driver()
     try:
-        cpu_connect0 = sum(cpu_s(p) for p in pids)
+        cpu_connect0 = sum(process_cpu_s(p) for p in pids)
         conns = await asyncio.gather(*(c.call(op="connect", sids=c.sids) for c in procs))
-        cpu_connect = sum(cpu_s(p) for p in pids) - cpu_connect0
+        cpu_connect = sum(process_cpu_s(p) for p in pids) - cpu_connect0
         connect_s = (max(c["end_ns"] for c in conns) - min(c["start_ns"] for c in conns)) / 1e9
         connected = sum(c["connected"] for c in conns)
         failed = sum(c["failed"] for c in conns)
         per_connect = [t for c in conns for t in c["connect_ms"]]
         rss1 = sum(rss_kb(p) for p in pids)
         split = [socket_fds(p) - f for p, f in zip(pids, fds0, strict=True)]
-        await driver.open(host, port, token, sids)
+        await driver.open(target, sids)
         sent: dict[tuple[str, int], int] = {}
+        acks: list[float] = []
         timeouts = 0
         warmup = 3
         cpu0 = 0.0
         for i in range(switches + warmup):
             if i == warmup:
                 await asyncio.gather(*(c.call(op="lag_reset") for c in procs))
-                cpu0 = sum(cpu_s(p) for p in pids)
+                cpu0 = sum(process_cpu_s(p) for p in pids)
             sid = sids[i % len(sids)]
-            t0, version = await driver.switch(sid)
+            t0, version, t_ack = await driver.switch(sid)
             if i >= warmup:
                 sent[(sid, version)] = t0
+                acks.append((t_ack - t0) / 1e6)
             oks = await asyncio.gather(*(c.call(op="wait", sid=sid, version=version, timeout_s=10)
                                          for c in procs))
             timeouts += sum(not o["ok"] for o in oks)
             await asyncio.sleep(0.01)  # a short quiet gap between switches
-        cpu = sum(cpu_s(p) for p in pids) - cpu0
+        cpu = sum(process_cpu_s(p) for p in pids) - cpu0
         reports = await asyncio.gather(*(c.call(op="report") for c in procs))
     finally:
         driver.close()
@@ -392,16 +400,17 @@ async def measure(host: str, port: int, token: str, pid: int | None, sockets: in
         "rss_kb_per_socket": (rss1 - rss0) / max(1, connected),
         "cpu_us_per_frame": cpu * 1e6 / max(1, len(per_delivery)),
         "split": split, "client_lag_max_ms": lags, "client_lag_p99_ms": lag_p99,
+        "samples": {"delivery": per_delivery, "all_served": all_served, "connect": per_connect, "ack": acks},
     }
 
 
-def report_line(r: dict[str, Any]) -> str:
-    """The human-readable summary of one size."""
-    target = _TARGET_P99_MS.get(r["sockets"])
+def report_lines(r: dict[str, Any]) -> list[str]:
+    """The human-readable summary of one size, with the issue's targets."""
+    target = TARGET_P99_MS.get(r["sockets"])
     verdict = "" if target is None else f" (target p99 <= {target} ms: {'OK' if r['p99_ms'] <= target else 'MISS'})"
-    ctarget = _TARGET_CONNECT_S.get(r["sockets"])
+    ctarget = TARGET_CONNECT_S.get(r["sockets"])
     cverdict = "" if ctarget is None else f" (target <= {ctarget} s: {'OK' if r['connect_s'] <= ctarget else 'MISS'})"
-    return "\n".join([
+    return [
         f"{r['sockets']} sockets over {r['sessions']} session(s), {r['switches']} switches:",
         f"  per delivery  p50 {r['p50_ms']:.1f}  p99 {r['p99_ms']:.1f}  max {r['max_ms']:.1f} ms{verdict}",
         f"  all served    p50 {r['all_p50_ms']:.1f}  p99 {r['all_p99_ms']:.1f}  max {r['all_max_ms']:.1f} ms",
@@ -415,67 +424,48 @@ def report_line(r: dict[str, Any]) -> str:
         f"  sockets per serving process {r['split']}",
         "  client loop lag max " + " / ".join(f"{x:.1f}" for x in r["client_lag_max_ms"])
         + " ms, p99 " + " / ".join(f"{x:.1f}" for x in r["client_lag_p99_ms"]) + " ms",
-    ])
+    ]
 
 
-async def run(args: argparse.Namespace, host: str, port: int, token: str, pid: int | None) -> list[dict[str, Any]]:
-    sids = await make_sessions(host, port, token, args.sessions)
-    results = []
-    for n in [int(x) for x in args.sockets.split(",")]:
-        r = await measure(host, port, token, pid, n, sids, args.clients, args.switches, args.concurrency)
-        print(report_line(r), flush=True)
-        results.append(r)
-        if pid:  # let the server notice the closed sockets before the next size
+def record(report: Report, r: dict[str, Any]) -> None:
+    """Put one size's figures on the report (the switch's own answer is the baseline)."""
+    n, smp = r["sockets"], r["samples"]
+    report.latency(f"{n}.ack", smp["ack"], f"{n} watchers: SWITCH -> ACK on the driver (baseline)")
+    report.latency(f"{n}.delivery", smp["delivery"], f"{n} watchers: SWITCH -> each STATE_UPDATE",
+                   baseline=f"{n}.ack")
+    report.latency(f"{n}.all_served", smp["all_served"], f"{n} watchers: SWITCH -> the last one",
+                   baseline=f"{n}.ack")
+    report.latency(f"{n}.connect", smp["connect"], f"{n} watchers: connect -> CONNECTED")
+    report.value(f"{n}.missed", r["missed"], "", f"{n} watchers: versions missed")
+    report.value(f"{n}.connect_s", r["connect_s"], "s", f"{n} watchers: all connected")
+    report.value(f"{n}.connect_cpu_us", r["connect_cpu_us_per_socket"], "us", f"{n} watchers: server CPU per connect")
+    report.value(f"{n}.cpu_us_per_frame", r["cpu_us_per_frame"], "us", f"{n} watchers: server CPU per frame")
+    report.value(f"{n}.rss_kb_per_socket", r["rss_kb_per_socket"], "KB", f"{n} watchers: server RSS per socket")
+    for line in report_lines(r):
+        report.note(line)
+
+
+async def _run(args: argparse.Namespace, target: Target, report: Report) -> None:
+    sids = await make_sessions(target, args.sessions)
+    for n in [int(x) for x in str(args.sockets).split(",")]:
+        report.step(f"{n} watchers over {len(sids)} session(s), {args.clients} client processes")
+        r = await measure(target, n, sids, args.clients, args.switches, args.concurrency)
+        record(report, r)
+        if r["missed"] or r["connect_failed"]:
+            raise BenchError(f"{n} watchers: {r['missed']} versions missed, {r['connect_failed']} "
+                             "sockets failed to connect")
+        if target.pid:  # let the server see the closed sockets before the next size
+            pids = serving_pids(target.pid)
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and sum(socket_fds(p) for p in serving_pids(pid)) > 50 * len(serving_pids(pid)):  # noqa: ASYNC110
+            while time.monotonic() < deadline and sum(socket_fds(p) for p in pids) > 50 * len(pids):  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
-    return results
 
 
-def main(argv: list[str]) -> None:
-    """`python -m bench fanout --sockets 100,1000 [--sessions K] [--workers N]`."""
-    if argv and argv[0] == "--client":
-        _, host, port, token, concurrency = argv
-        _use_uvloop()
-        asyncio.run(_client(host, int(port), token, int(concurrency)))
-        return
-    p = argparse.ArgumentParser(prog="python -m bench fanout")
-    p.add_argument("--sockets", default="100,1000,5000", help="comma-separated sizes")
-    p.add_argument("--sessions", type=int, default=1, help="sessions the sockets are spread over")
-    p.add_argument("--workers", type=int, default=1, help="kairos serve --workers")
-    p.add_argument("--clients", type=int, default=4, help="client processes")
-    p.add_argument("--switches", type=int, default=30, help="measured switches per size")
-    p.add_argument("--concurrency", type=int, default=64, help="connects in flight per client")
-    p.add_argument("--url", help="use this running server (needs --token, limits off)")
-    p.add_argument("--token")
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--database-url", default=None)
-    p.add_argument("--json", action="store_true", help="also print the results as one JSON line")
-    args = p.parse_args(argv)
+def run(args: argparse.Namespace, report: Report) -> None:
+    """Measure every size against the target."""
     _use_uvloop()
-    server = None
-    if args.url:
-        from urllib.parse import urlsplit
-
-        u = urlsplit(args.url)
-        host, port, token, pid = u.hostname or "127.0.0.1", u.port or 80, args.token or "", None
-    else:
-        from tests.servers import KairosServer, server_env
-
-        env = server_env(args.redis_url or "", args.database_url, f"bench-fanout:{uuid.uuid4().hex[:8]}:",
-                         KAIROS_RATE_LIMIT_GENERAL="0", KAIROS_RATE_LIMIT_SWITCH="0")
-        if not args.redis_url:
-            env.pop("KAIROS_REDIS_URL")
-        server = KairosServer(env, workers=args.workers, ready_timeout_s=60).start()
-        server.wait_ready(60)
-        host, port, token, pid = "127.0.0.1", server.port, server.token("bench"), server.pid
-    try:
-        results = asyncio.run(run(args, host, port, token, pid))
-    finally:
-        if server is not None:
-            server.stop()
-    if args.json:
-        print(json.dumps(results))
+    with kairos(args, report) as target:
+        asyncio.run(_run(args, target, report))
 
 
 def _use_uvloop() -> None:
@@ -487,5 +477,7 @@ def _use_uvloop() -> None:
         pass
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+if __name__ == "__main__" and sys.argv[1:2] == ["--client"]:  # a client process (see ClientProc)
+    _, _, _host, _port, _auth, _concurrency = sys.argv
+    _use_uvloop()
+    asyncio.run(_client(_host, int(_port), _auth, int(_concurrency)))
