@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 CHECKPOINT_TTL_MS = 4 * 24 * 3600 * 1000
 # A forwarded command nobody pops (owner died) must not pile up forever.
 INBOX_TTL_MS = 60_000
+# Entries kept in an incarnation's popped list (Keys.inbox_popped), newest first: at least one
+# batch read (the inbox loop reads up to 128), so a read whose reply was lost can be read again.
+POPPED_KEEP = 256
 
 # Consumer groups on the outbox stream (`Keys.outbox`): each group sees every entry once.
 AUDIT_GROUP = "audit"  # copies events into PostgreSQL (actors/outbox/audit.py)
@@ -69,8 +72,8 @@ class Keys:
         return f"{self.prefix}i:{incarnation}:inbox"
 
     def inbox_popped(self, incarnation: str) -> str:
-        """List: the entries of the incarnation's last inbox read, kept until its next read (so an
-        entry whose pop reply was lost is read again, not lost)."""
+        """List, newest first: entries the incarnation's inbox reads took (the last POPPED_KEEP),
+        so an entry whose read reply was lost is read again, not lost. Lua: ... .. ':popped'."""
         return f"{self.prefix}i:{incarnation}:popped"
 
     def reply_channel(self, incarnation: str) -> str:
@@ -111,12 +114,18 @@ return 0
 # --- list live instances -----------------------------------------------------------------------
 # KEYS[1] instances set
 # ARGV[1] key prefix
-# Returns the info JSON of every live incarnation; dead ones are removed from the set.
+# Returns the info JSON of every live incarnation; dead ones are removed from the set (and their
+# popped list, Keys.inbox_popped, which may have no TTL).
 LIST_INSTANCES = """
 local out = {}
 for _, inc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local info = redis.call('GET', ARGV[1] .. 'i:' .. inc .. ':alive')
-  if info then out[#out + 1] = info else redis.call('SREM', KEYS[1], inc) end
+  if info then
+    out[#out + 1] = info
+  else
+    redis.call('SREM', KEYS[1], inc)
+    redis.call('DEL', ARGV[1] .. 'i:' .. inc .. ':popped')
+  end
 end
 return out
 """
@@ -126,7 +135,9 @@ return out
 # ARGV[1] my incarnation, ARGV[2] key prefix, ARGV[3] may_claim "1"/"0",
 # ARGV[4] forward payload ("" = do not forward), ARGV[5] inbox TTL ms, ARGV[6] lease TTL ms,
 # ARGV[7] claim on behalf of this live incarnation instead ("" = me; a draining instance hands
-#         a free session straight to its successor and forwards the payload there: reply {2, it})
+#         a free session straight to its successor and forwards the payload there: reply {2, it}),
+# ARGV[8] how many entries the receiver's popped list keeps (POPPED_KEEP; trimmed here, as the
+#         receiver's single-command reads cannot)
 # Returns
 #   {1, epoch, checkpoint|nil, reason}  claimed (reason new|released|takeover|self), epoch + 1
 #   {2, owner}   a live other instance owns it; payload RPUSHed onto its inbox
@@ -135,6 +146,13 @@ return out
 #   {5}          the lease names me and may_claim is "0"
 #   {-1}         my own liveness key is gone: I must not claim anything
 CLAIM_OR_FORWARD = """
+local function forward(inc)
+  local inbox, popped = ARGV[2] .. 'i:' .. inc .. ':inbox', ARGV[2] .. 'i:' .. inc .. ':popped'
+  redis.call('RPUSH', inbox, ARGV[4])
+  redis.call('PEXPIRE', inbox, ARGV[5])
+  redis.call('LTRIM', popped, 0, tonumber(ARGV[8]) - 1)
+  redis.call('PEXPIRE', popped, ARGV[5])
+end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
 local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
 local owner = lease[1]
@@ -146,9 +164,7 @@ if owner and owner ~= '' then
     reason = 'self'
   elseif redis.call('EXISTS', ARGV[2] .. 'i:' .. owner .. ':alive') == 1 then
     if ARGV[4] == '' then return {3, owner} end
-    local inbox = ARGV[2] .. 'i:' .. owner .. ':inbox'
-    redis.call('RPUSH', inbox, ARGV[4])
-    redis.call('PEXPIRE', inbox, ARGV[5])
+    forward(owner)
     return {2, owner}
   else
     reason = 'takeover'
@@ -162,11 +178,7 @@ if ARGV[7] ~= '' and ARGV[7] ~= ARGV[1] then
   if redis.call('EXISTS', ARGV[2] .. 'i:' .. ARGV[7] .. ':alive') == 0 then return {4} end
   redis.call('HSET', KEYS[1], 'o', ARGV[7], 'e', epoch)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  if ARGV[4] ~= '' then
-    local inbox = ARGV[2] .. 'i:' .. ARGV[7] .. ':inbox'
-    redis.call('RPUSH', inbox, ARGV[4])
-    redis.call('PEXPIRE', inbox, ARGV[5])
-  end
+  if ARGV[4] ~= '' then forward(ARGV[7]) end
   return {2, ARGV[7]}
 end
 redis.call('HSET', KEYS[1], 'o', ARGV[1], 'e', epoch)
@@ -331,14 +343,14 @@ return 1
 
 # --- pop forwarded commands (the inbox loop, when several are queued) ----------------------------
 # KEYS[1] my inbox, KEYS[2] my popped list (Keys.inbox_popped)
-# ARGV[1] how many at most, ARGV[2] TTL ms
-# Forgets the previous read's entries (the reader reads again only once it holds them), moves up
-# to ARGV[1] entries from the inbox to the popped list and returns them.
+# ARGV[1] how many at most, ARGV[2] TTL ms, ARGV[3] POPPED_KEEP
+# Moves up to ARGV[1] entries from the inbox onto the head of the popped list (as the lone read's
+# BLMOVE does, newest first), keeps the popped list short, returns the entries (oldest first).
 POP_INBOX = """
-redis.call('DEL', KEYS[2])
 local items = redis.call('LPOP', KEYS[1], ARGV[1])
 if not items then return {} end
-redis.call('RPUSH', KEYS[2], unpack(items))
+redis.call('LPUSH', KEYS[2], unpack(items))
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return items
 """
@@ -387,7 +399,7 @@ class Scripts:
         self._hand_off = redis.register_script(HAND_OFF)
         self._pop = redis.register_script(POP_INBOX)
         self._reader: redis.asyncio.Redis | None = None  # see _inbox_reader
-        self._unsure: set[str] = set()  # incarnations whose last inbox read failed
+        self._unsure: dict[str, int] = {}  # incarnation -> entries its last (failed) read asked for
 
     def _inbox_reader(self) -> redis.asyncio.Redis:
         """The client of the inbox reads: it never sends a command again by itself (a re-sent pop
@@ -449,7 +461,8 @@ class Scripts:
         """See CLAIM_OR_FORWARD for the reply shapes."""
         k = self.keys
         keys = [k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id)]
-        args = [incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS, claim_for]
+        args = [incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS, claim_for,
+                POPPED_KEEP]
         async with self._connection_slot():
             if not self.min_replicas_ack:
                 return await self._claim(keys=keys, args=args)
@@ -620,20 +633,16 @@ class Scripts:
 
     async def do_pop_inbox(self, incarnation: str, timeout_s: int) -> list[bytes]:
         """The next forwarded command for `incarnation` ([] after `timeout_s`), or what the last
-        read took if its reply was lost (entries may come twice: requests carry ids)."""
+        read may have taken if its reply was lost (entries may come twice: requests carry ids)."""
         again = await self._read_again(incarnation)
         if again is not None:
             return again
         k = self.keys
-        popped = k.inbox_popped(incarnation)
-        pipe = self._inbox_reader().pipeline(transaction=False)
-        pipe.delete(popped)  # the last read's entries are in our hands
-        pipe.blmove(k.inbox(incarnation), popped, timeout_s, "LEFT", "RIGHT")
-        pipe.pexpire(popped, INBOX_TTL_MS)
         try:
-            _, item, _ = await pipe.execute()
+            item = await self._inbox_reader().blmove(
+                k.inbox(incarnation), k.inbox_popped(incarnation), timeout_s, "LEFT", "LEFT")
         except Exception:
-            self._unsure.add(incarnation)
+            self._unsure[incarnation] = 1
             raise
         return [] if item is None else [item]
 
@@ -645,18 +654,20 @@ class Scripts:
         k = self.keys
         try:
             return list(await self._pop(keys=[k.inbox(incarnation), k.inbox_popped(incarnation)],
-                                        args=[count, INBOX_TTL_MS], client=self._inbox_reader()))
+                                        args=[count, INBOX_TTL_MS, POPPED_KEEP], client=self._inbox_reader()))
         except Exception:
-            self._unsure.add(incarnation)
+            self._unsure[incarnation] = count
             raise
 
     async def _read_again(self, incarnation: str) -> list[bytes] | None:
-        """After a failed read: what it may have popped (None when the last read went well)."""
-        if incarnation not in self._unsure:
+        """After a failed read: the entries it may have taken, oldest first (None when the last
+        read went well). Some may have been read before: the caller drops repeated requests."""
+        count = self._unsure.get(incarnation)
+        if count is None:
             return None
-        items = await self._inbox_reader().lrange(self.keys.inbox_popped(incarnation), 0, -1)
-        self._unsure.discard(incarnation)
-        return items
+        newest_first = await self._inbox_reader().lrange(self.keys.inbox_popped(incarnation), 0, count - 1)
+        del self._unsure[incarnation]
+        return newest_first[::-1]
 
     async def was_deleted(self, session_id: str) -> bool:
         """True if the session was deleted (tombstone on its lease): never restore it from audit."""

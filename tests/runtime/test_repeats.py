@@ -16,8 +16,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from actors.host import Host
-from actors.keys import ALREADY_WRITTEN, Keys, Scripts
-from actors.router import CLAIMED
+from actors.keys import ALREADY_WRITTEN, INBOX_TTL_MS, POPPED_KEEP, Keys, Scripts
+from actors.router import CLAIMED, FORWARDED
 from kairos.commands import Start, Switch
 from kairos.session import Status
 from tests.runtime.conftest import create_command, hosts
@@ -149,3 +149,23 @@ async def test_inbox_reads_whose_replies_were_lost_are_read_again(redis_url: str
         finally:
             await scripts.aclose()
             await client.aclose()
+
+
+async def test_the_popped_list_stays_short_and_goes_with_its_incarnation(redis: Any, key_prefix: str) -> None:
+    keys, scripts, owner, sid = await claimed(redis, key_prefix)
+    asker = uuid.uuid4().hex
+    assert await scripts.do_join(asker, b"{}", TTL)
+    try:
+        await redis.rpush(keys.inbox(owner), *[f"e{n}".encode() for n in range(300)])
+        assert len(await scripts.do_pop_inbox_batch(owner, 300)) == 300
+        assert await redis.llen(keys.inbox_popped(owner)) == POPPED_KEEP  # the batch read trims
+        assert await scripts.do_pop_inbox(owner, 1) == []  # nothing queued: nothing moves
+        await redis.lpush(keys.inbox_popped(owner), *[b"x"] * 50)  # as 50 single reads would
+        assert (await scripts.do_claim_or_forward(asker, sid, may_claim=True, payload=b"p"))[0] == FORWARDED
+        assert await redis.llen(keys.inbox_popped(owner)) == POPPED_KEEP  # a forward trims too
+        assert 0 < await redis.pttl(keys.inbox_popped(owner)) <= INBOX_TTL_MS
+        await scripts.do_leave(owner)
+        await scripts.do_list_instances()  # prunes the dead incarnation, and its popped list
+        assert not await redis.exists(keys.inbox_popped(owner))
+    finally:
+        await scripts.aclose()
