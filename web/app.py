@@ -111,7 +111,7 @@ def create_app(settings: Settings) -> Quart:
         addresses=ClientAddress(settings.trusted_proxies),
         instance_id=instance_id,
         cors=Cors(settings.cors_origins),
-        clock=_cluster_clock(settings.test_clock_skew_ms),
+        clock=_cluster_clock(settings.clock_max_error_ms, settings.test_clock_skew_ms),
     )
     svc.relays = Relays(svc)
     app = Quart("kairos")
@@ -155,12 +155,12 @@ def create_app(settings: Settings) -> Quart:
     return app
 
 
-def _cluster_clock(skew_ms: int) -> ClusterClock:
+def _cluster_clock(max_error_ms: float, skew_ms: int) -> ClusterClock:
     """The instance's clock in the cluster's time base; `skew_ms` fakes a wrong local clock (tests)."""
     if not skew_ms:
-        return ClusterClock()
+        return ClusterClock(max_error_ms=max_error_ms)
     skew_ns = skew_ms * 1_000_000
-    return ClusterClock(local=lambda: local_ns() + skew_ns)
+    return ClusterClock(local=lambda: local_ns() + skew_ns, max_error_ms=max_error_ms)
 
 
 def _skip_schema_conversion_for_responses(app: Quart) -> None:

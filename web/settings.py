@@ -65,6 +65,7 @@ class Settings(BaseSettings):
     lease_ttl_ms: int = Field(5000, ge=100)
     passivate_after_ms: int = Field(60_000, ge=0)
     idempotency_window_s: int = Field(300, ge=1)  # command ids remembered at least this long
+    clock_max_error_ms: float = Field(20.0, gt=0)  # above it: not ready, claims no session
     test_clock_skew_ms: int = 0  # tests only: this instance's clock reads this much ahead
 
     auth: Literal["enabled", "disabled"] = "enabled"

@@ -82,6 +82,14 @@ async def test_an_unsynced_host_claims_no_session(redis: Any, key_prefix: str) -
 
 
 @pytest.mark.slow
+def test_an_instance_whose_clock_error_is_above_the_bound_is_not_ready(redis_url: str, key_prefix: str) -> None:
+    env = server_env(redis_url, None, key_prefix, KAIROS_CLOCK_MAX_ERROR_MS="0.000001")
+    with KairosServer(env) as srv, httpx.Client(timeout=10) as http:
+        r = http.get(f"{srv.url}/ready")
+        assert r.status_code == 503 and "clock not synced" in r.json()["error"], r.text
+
+
+@pytest.mark.slow
 def test_a_session_handed_to_an_instance_with_a_skewed_clock_is_charged_exact_time(
     redis_url: str, key_prefix: str
 ) -> None:
