@@ -31,7 +31,7 @@ from web import errors as web_errors
 from web.auth import Authenticator
 from web.cors import Cors
 from web.limits import ClientAddress, GeneralLimiter
-from web.openapi import API_VERSION, KairosOpenAPI
+from web.openapi import API_DESCRIPTION, API_TAGS, API_VERSION, KairosOpenAPI
 from web.settings import Settings
 
 if TYPE_CHECKING:
@@ -124,8 +124,8 @@ def create_app(settings: Settings) -> Quart:
         swagger_ui_path=None,  # web.apidocs serves /api-docs from the package (offline)
         redoc_ui_path=None,
         scalar_ui_path=None,
-        info={"title": "Kairos", "version": API_VERSION,
-              "description": "Timers in sync across devices; SyncKairos v2 compatible."},
+        info={"title": "Kairos", "version": API_VERSION, "description": API_DESCRIPTION},
+        tags=API_TAGS,
         security_schemes={"bearer": {"type": "http", "scheme": "bearer", "bearer_format": "JWT"}},
         security=[{"bearer": []}],
     )

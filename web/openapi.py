@@ -20,6 +20,18 @@ from web.schemas import UUID_PATTERN, ErrorOut
 API_VERSION = "2.0.0"
 """The wire contract's version (SyncKairos v2 compatible); `GET /v1/time` answers it too."""
 
+API_DESCRIPTION = (
+    "Timers in sync across devices (chess clocks, quiz turns, countdowns); SyncKairos v2 "
+    "compatible. Send `Authorization: Bearer <JWT>` (Authorize button); `/health`, `/ready`, "
+    "`/metrics` and `/v1/time` are open. The WebSocket protocol is at `/asyncapi.json`.")
+API_TAGS = [
+    {"name": "sessions", "description": "Create sessions and run their clocks."},
+    {"name": "time", "description": "The server clock, for client clock sync."},
+    {"name": "devices", "description": "Push notification tokens of the caller."},
+    {"name": "admin", "description": "Instances, drain and lease owners (admin role)."},
+    {"name": "ops", "description": "Health, readiness and metrics (no token)."},
+]
+
 F = TypeVar("F", bound=Callable[..., Any])
 _DOC_ATTR = "_kairos_doc"
 _ERROR_SCHEMA = {"$ref": "#/components/schemas/ErrorOut"}

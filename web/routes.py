@@ -471,8 +471,10 @@ async def admin_instances() -> Response:
 @document_response(S.OwnerEnvelope)
 @documented(400, 401, 403, 429, 503)
 async def admin_session_owner(session_id: str) -> Response:
-    """Who holds the session's lease: instance_id, incarnation, epoch, alive (admin). All null
-    while nobody does (never activated, passivated, or released)."""
+    """Who holds the session's lease (admin).
+
+    `instance_id`, `incarnation`, `epoch`, `alive`; all null (`alive` false) while nobody does
+    (never activated, passivated, or released)."""
     caller = authenticate()
     A.require_admin(caller)
     sid = session_id_param(session_id)

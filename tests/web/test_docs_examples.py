@@ -147,3 +147,17 @@ def test_json_blocks_parse_and_websocket_frames_match_the_asyncapi_messages(
                 frame.pop(body)
                 schema["required"] = [k for k in schema["required"] if k != body]
         Draft202012Validator(schema).validate(frame)
+
+
+def test_the_route_table_of_api_md_lists_the_documented_errors(server: KairosServer) -> None:
+    doc = httpx.get(f"{server.url}/api-docs.json").json()
+    rows = re.findall(r"^\| `(GET|POST|DELETE) ([^`]+)` \|.*\| ([^|]*) \|$",
+                      (ROOT / "docs" / "api.md").read_text(), re.M)
+    assert len(rows) == sum(len(item) for item in doc["paths"].values())
+    for method, path, errors in rows:
+        documented = {s for s in doc["paths"][path][method.lower()]["responses"]
+                      if s.startswith(("4", "5"))}
+        listed = set(re.findall(r"\b[45]\d\d\b", errors))
+        if path == "/ready":
+            listed = {"503"}
+        assert listed == documented, f"{method} {path}: docs/api.md {sorted(listed)}, OpenAPI {sorted(documented)}"
