@@ -223,7 +223,7 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
     metrics.track_actors(svc.host.actor_count)
     # Its own client: the pub/sub connection is named after the instance (CLIENT LIST shows whose
     # it is), and after a reconnect every watched session's sockets are re-synced.
-    fanout_redis = aioredis.from_url(s.redis_url, client_name=f"kairos-fanout:{svc.instance_id}")
+    fanout_redis = open_redis(s.redis_url, client_name=f"kairos-fanout:{svc.instance_id}")
     stack.push_async_callback(fanout_redis.aclose)
     svc.fanout = await stack.enter_async_context(
         FanOut(fanout_redis, key_prefix=s.key_prefix, on_gap=svc.relays.resync))
