@@ -98,6 +98,11 @@ class Keys:
     def devices(self, sub: str) -> str:
         return f"{self.prefix}devices:{sub}"
 
+    def requests(self, caller: str, window: int) -> str:
+        """String with TTL: requests of `caller` in fixed window number `window` (the general rate
+        limit, counted for all instances together)."""
+        return f"{self.prefix}rl:{window}:{caller}"
+
 
 # --- join --------------------------------------------------------------------------------------
 # KEYS[1] my liveness key, KEYS[2] instances set
@@ -320,6 +325,17 @@ return out
 """
 
 
+# --- count a request (the general rate limit, shared by every instance) -------------------------
+# KEYS[1] the caller's counter of this window (Keys.requests)
+# ARGV[1] TTL ms (the window's length: the counter is gone long before anyone reads it again)
+# Returns the number of requests counted in the window, this one included.
+COUNT_REQUEST = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return n
+"""
+
+
 # --- hand off (drain) -----------------------------------------------------------------------------
 # KEYS[1] lease(sid), KEYS[2] target's inbox, KEYS[3] target's liveness key
 # ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] target incarnation, ARGV[4] activation message,
@@ -398,6 +414,7 @@ class Scripts:
         self._adopt = redis.register_script(ADOPT_ORPHANS)
         self._hand_off = redis.register_script(HAND_OFF)
         self._pop = redis.register_script(POP_INBOX)
+        self._count = redis.register_script(COUNT_REQUEST)
         self._reader: redis.asyncio.Redis | None = None  # see _inbox_reader
         self._unsure: dict[str, int] = {}  # incarnation -> entries its last (failed) read asked for
 
@@ -668,6 +685,12 @@ class Scripts:
         newest_first = await self._inbox_reader().lrange(self.keys.inbox_popped(incarnation), 0, count - 1)
         del self._unsure[incarnation]
         return newest_first[::-1]
+
+    async def do_count_request(self, caller: str, window: int, window_ms: int) -> int:
+        """Count one request of `caller` in window number `window`: the count so far, this one
+        included (one round trip, all instances together)."""
+        async with self._connection_slot():
+            return int(await self._count(keys=[self.keys.requests(caller, window)], args=[window_ms]))
 
     async def was_deleted(self, session_id: str) -> bool:
         """True if the session was deleted (tombstone on its lease): never restore it from audit."""

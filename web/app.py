@@ -220,6 +220,7 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
             min_replicas_ack=s.redis_min_replicas_ack,
         )
     )
+    svc.limiter.shared = svc.host.scripts.do_count_request  # one limit for all instances
     metrics.track_actors(svc.host.actor_count)
     # Its own client: the pub/sub connection is named after the instance (CLIENT LIST shows whose
     # it is), and after a reconnect every watched session's sockets are re-synced.

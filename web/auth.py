@@ -120,7 +120,7 @@ class Authenticator:
         return caller
 
 
-def counted_caller(auth: Authenticator, limiter: GeneralLimiter, address: Callable[[], str],
+async def counted_caller(auth: Authenticator, limiter: GeneralLimiter, address: Callable[[], str],
                    authorization: str | None, token: str | None = None) -> tuple[Caller, Quota | None]:
     """The caller, its request counted against its general limit (per `sub`; per client address
     with auth off). A request that fails authentication counts against the client address, so
@@ -128,9 +128,9 @@ def counted_caller(auth: Authenticator, limiter: GeneralLimiter, address: Callab
     try:
         caller = auth.caller(authorization, token)
     except Unauthorized:
-        limiter.hit(address())  # raises RateLimited once the address is over its limit
+        await limiter.hit(address())  # raises RateLimited once the address is over its limit
         raise
-    return caller, limiter.hit(caller.sub if auth.enabled else address())
+    return caller, await limiter.hit(caller.sub if auth.enabled else address())
 
 
 def mint_token(settings: Settings, sub: str, role: str | None = None, ttl_s: int = 3600, now_s: int | None = None) -> str:

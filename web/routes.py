@@ -132,10 +132,10 @@ def _configure(state: Any) -> None:
     state.app.config[_ACCESS_LOG] = level in (logging.DEBUG, logging.INFO)
 
 
-def authenticate() -> A.Caller:
+async def authenticate() -> A.Caller:
     """The request's caller (raises Unauthorized); counts the request against its general limit."""
     svc = services()
-    caller, quota = A.counted_caller(svc.auth, svc.limiter, client_address,
+    caller, quota = await A.counted_caller(svc.auth, svc.limiter, client_address,
                                      request.headers.get("Authorization"))
     structlog.contextvars.bind_contextvars(sub=caller.sub)  # on every later line (access log too)
     if quota is not None:
@@ -219,7 +219,7 @@ async def server_time() -> Response:
     svc = services()
     clock = svc.clock
     received = clock()
-    quota = svc.limiter.hit(client_address())
+    quota = await svc.limiter.hit(client_address())
     if quota is not None:
         request._kairos_quota = quota  # type: ignore[attr-defined]
     now = clock()
@@ -239,7 +239,7 @@ async def server_time() -> Response:
 @documented(400, 401, 409, 413, 429, 503, idempotent=True)
 async def create_session() -> Response:
     """Create a session; the caller (`sub`) becomes its owner."""
-    caller = authenticate()
+    caller = await authenticate()
     key = idempotency_key()
     raw = await required_body()
     body = validated(S.CreateSession, raw)
@@ -274,7 +274,7 @@ async def create_session() -> Response:
 @documented(400, 401, 403, 404, 429, 503)
 async def get_session(session_id: str) -> Response:
     """The session with live times as of `server_time_ms`."""
-    caller = authenticate()
+    caller = await authenticate()
     sid = session_id_param(session_id)
     state = await load(sid)
     A.require_read(caller, state)
@@ -283,7 +283,7 @@ async def get_session(session_id: str) -> Response:
 
 async def lifecycle(session_id: str, name: str, make: Callable[[str | None], Any]) -> Response:
     """A bodiless lifecycle command (start/pause/...) by the owner or an admin."""
-    caller = authenticate()
+    caller = await authenticate()
     sid = session_id_param(session_id)
     key = idempotency_key()
     await optional_body()  # read and ignored: these commands take no arguments
@@ -346,7 +346,7 @@ async def cancel_session(session_id: str) -> Response:
 @documented(*_LIFECYCLE_ERRORS, 409, idempotent=True)
 async def switch_session(session_id: str) -> Response:
     """End the active turn; owner, admin or the active participant. Body optional."""
-    caller = authenticate()
+    caller = await authenticate()
     sid = session_id_param(session_id)
     key = idempotency_key()
     raw = await optional_body()
@@ -369,7 +369,7 @@ async def switch_session(session_id: str) -> Response:
             success=(204, "Deleted (also when no such session existed)."))
 async def delete_session(session_id: str) -> Response:
     """Delete (204, also for an unknown id: idempotent). Owner or admin."""
-    caller = authenticate()
+    caller = await authenticate()
     sid = session_id_param(session_id)
     key = idempotency_key()
     try:
@@ -388,7 +388,7 @@ async def delete_session(session_id: str) -> Response:
 @documented(400, 401, 403, 404, 429, 503)
 async def session_events(session_id: str) -> Response:
     """Audit history, oldest first; page with `?after_version=`."""
-    caller = authenticate()
+    caller = await authenticate()
     sid = session_id_param(session_id)
     q = validated(S.EventsQuery, dict(request.args))
     state = await load(sid)
@@ -409,7 +409,7 @@ async def session_events(session_id: str) -> Response:
 async def register_device() -> Response:
     """Register a push token for the caller; a token someone else registered is theirs (409
     DEVICE_TOKEN_TAKEN) until they delete it, unless an admin reassigns it (`sub`)."""
-    caller = authenticate()
+    caller = await authenticate()
     raw = await required_body()
     body = validated(S.DeviceIn, raw)
     owner = body.sub or caller.sub
@@ -426,7 +426,7 @@ async def register_device() -> Response:
 @documented(400, 401, 429, 503, success=(204, "Forgotten (also when the token was unknown)."))
 async def delete_device(token: str) -> Response:
     """Forget a push token of the caller, or anyone's for an admin (204 even if unknown)."""
-    caller = authenticate()
+    caller = await authenticate()
     problems = S.unstorable(token, "token")
     if problems:
         raise W.validation_error(problems)
@@ -446,7 +446,7 @@ async def delete_device(token: str) -> Response:
 async def admin_drain() -> Response:
     """Drain this instance (admin): hand off leases, close sockets with 1012; `plan` says what
     happens next (a lone instance releases its sessions and exits)."""
-    caller = authenticate()
+    caller = await authenticate()
     A.require_admin(caller)
     svc = services()
     assert svc.task_group is not None
@@ -461,7 +461,7 @@ async def admin_drain() -> Response:
 @documented(401, 403, 429, 503)
 async def admin_instances() -> Response:
     """Live instances with actor counts and draining flags (admin)."""
-    caller = authenticate()
+    caller = await authenticate()
     A.require_admin(caller)
     return json_response({"data": await services().host.instances()})
 
@@ -475,7 +475,7 @@ async def admin_session_owner(session_id: str) -> Response:
 
     `instance_id`, `incarnation`, `epoch`, `alive`; all null (`alive` false) while nobody does
     (never activated, passivated, or released)."""
-    caller = authenticate()
+    caller = await authenticate()
     A.require_admin(caller)
     sid = session_id_param(session_id)
     owner = await services().host.owner(sid) or {

@@ -305,7 +305,7 @@ def register_ws(app: Quart, svc: Services) -> None:
         try:
             # Connections count against the caller's general limit, like REST requests (and a
             # failed authentication against the client address).
-            caller, _ = A.counted_caller(svc.auth, svc.limiter, lambda: _peer(svc),
+            caller, _ = await A.counted_caller(svc.auth, svc.limiter, lambda: _peer(svc),
                                          websocket.headers.get("Authorization"),
                                          websocket.args.get("token") or None)
         except RateLimited:
@@ -428,7 +428,7 @@ async def _command(svc: Services, sid: str, caller: A.Caller, kind: str, msg: di
     """Run one socket command with REST's rules; returns the ACK or ERROR frame."""
     request_id = _request_id(msg)
     try:
-        svc.limiter.hit(caller.sub if svc.auth.enabled else _peer(svc))
+        await svc.limiter.hit(caller.sub if svc.auth.enabled else _peer(svc))
         state = None if caller.is_admin else await svc.host.get(sid)
         if kind == "SWITCH":
             nxt, expected = msg.get("next_participant_id"), msg.get("expected_active_participant_id")

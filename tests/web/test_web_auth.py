@@ -25,8 +25,9 @@ from tests.web.conftest import bearer, chess_body, new_id
 
 @pytest.fixture(scope="module")
 def limited(redis_url: str, database_url: str, module_prefix: str) -> Iterator[KairosServer]:
-    """Small limits so 429s are reachable: 40 requests/min per caller, 2 switches/s per session."""
-    env = server_env(redis_url, database_url, module_prefix,
+    """Small limits so 429s are reachable: 40 requests/min per caller, 2 switches/s per session.
+    A deployment of its own (key prefix): the general limit is counted per deployment, in Redis."""
+    env = server_env(redis_url, database_url, f"{module_prefix}limited:",
                      KAIROS_RATE_LIMIT_GENERAL="40", KAIROS_RATE_LIMIT_SWITCH="2")
     with KairosServer(env) as srv:
         srv.wait_ready()

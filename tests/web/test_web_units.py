@@ -23,25 +23,38 @@ class FakeClock:
         return self.t
 
 
-def test_general_limiter_counts_per_caller_and_resets_each_window() -> None:
+@pytest.mark.anyio
+async def test_general_limiter_counts_per_caller_and_resets_each_window() -> None:
     clock = FakeClock(600.0)
     lim = GeneralLimiter(2, clock)
-    assert lim.hit("a") is not None and lim.hit("a").remaining == 0  # type: ignore[union-attr]
+    assert await lim.hit("a") is not None and (await lim.hit("a")).remaining == 0  # type: ignore[union-attr]
     with pytest.raises(RateLimited) as info:
-        lim.hit("a")
+        await lim.hit("a")
     assert info.value.retry_after == 60
-    assert lim.hit("b").remaining == 1  # type: ignore[union-attr]
+    assert (await lim.hit("b")).remaining == 1  # type: ignore[union-attr]
     clock.t = 659.5
     with pytest.raises(RateLimited) as info:
-        lim.hit("a")
+        await lim.hit("a")
     assert info.value.retry_after == 1
     clock.t = 660.0
-    assert lim.hit("a").remaining == 1  # type: ignore[union-attr]
+    assert (await lim.hit("a")).remaining == 1  # type: ignore[union-attr]
 
 
-def test_zero_disables_the_general_limit() -> None:
+@pytest.mark.anyio
+async def test_zero_disables_the_general_limit() -> None:
     lim = GeneralLimiter(0, FakeClock(0))
-    assert all(lim.hit("a") is None for _ in range(1000))
+    assert all([await lim.hit("a") is None for _ in range(1000)])
+
+
+@pytest.mark.anyio
+async def test_an_unreachable_shared_count_falls_back_to_counting_here() -> None:
+    async def unreachable(caller: str, window: int, window_ms: int) -> int:
+        raise ConnectionError("redis down")
+
+    lim = GeneralLimiter(1, FakeClock(600.0), shared=unreachable)
+    assert (await lim.hit("a")).remaining == 0  # type: ignore[union-attr]
+    with pytest.raises(RateLimited):
+        await lim.hit("a")
 
 
 def test_forwarded_for_is_believed_only_from_trusted_proxies() -> None:
