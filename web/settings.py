@@ -16,7 +16,7 @@ from annotated_types import Ge, Le
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from actors.connection import sentinel_url
+from actors.connection import parse_sentinel_url, sentinel_url
 
 _HMAC_ALGS = {"HS256", "HS384", "HS512"}
 _PUBLIC_KEY_ALGS = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
@@ -127,6 +127,8 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, v: str | None) -> str | None:
         if v and not v.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
             raise ValueError("must be a redis://, rediss://, unix:// or redis+sentinel:// URL")
+        if v and v.startswith("redis+sentinel://"):
+            parse_sentinel_url(v)  # a bad one stops the start with its one-line reason
         return v or None
 
     @field_validator("database_url")
