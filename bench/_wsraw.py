@@ -39,6 +39,7 @@ class RawWs(asyncio.Protocol):
         self.upgraded = asyncio.get_running_loop().create_future()
         self.closed = asyncio.get_running_loop().create_future()
         self.close_code: int | None = None
+        self.pings = 0  # server pings answered
         self.tag: object = None  # free for the user (e.g. the session id)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -86,6 +87,7 @@ class RawWs(asyncio.Protocol):
             if opcode == 1:
                 self.on_text(self, payload, now)
             elif opcode == 9 and self.transport is not None:
+                self.pings += 1
                 self.transport.write(client_frame(payload, 10))
             elif opcode == 8:
                 self.close_code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else 1005

@@ -187,6 +187,25 @@ async def test_clock_offset_with_skewed_client_clock_is_within_5_ms(server: Kair
         assert abs(kc.server_now() - wall_clock_ms()) <= 5
 
 
+async def test_a_socket_that_answers_pings_stays_through_many_heartbeats(server_b: KairosServer) -> None:
+    from urllib.parse import urlsplit
+
+    from bench._wsraw import open_ws
+
+    sid, _ = make_session(server_b)
+    u = urlsplit(server_b.url)
+    frames: list[bytes] = []
+    ws = await open_ws(u.hostname or "", u.port or 0, f"/ws?sessionId={sid}&token={server_b.token('host-1')}",
+                       lambda _ws, payload, _t: frames.append(payload))
+    try:
+        await eventually(lambda: ws.pings >= 4, within=10, what="4 heartbeats (0.5 s apart) answered")
+        assert ws.close_code is None and not ws.closed.done()
+        assert json.loads(frames[0])["type"] == "CONNECTED"
+    finally:
+        assert ws.transport is not None
+        ws.transport.close()
+
+
 def test_socket_that_never_answers_pings_is_dropped(server_b: KairosServer) -> None:
     sid, _ = make_session(server_b)
     s = socket.create_connection(("127.0.0.1", server_b.port), timeout=5)
