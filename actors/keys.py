@@ -145,8 +145,9 @@ return out
 #         receiver's single-command reads cannot)
 # Returns
 #   {1, epoch, checkpoint|nil, reason}  claimed (reason new|released|takeover|self), epoch + 1
-#   {2, owner}   a live other instance owns it; payload RPUSHed onto its inbox
-#   {3, owner}   a live other instance owns it; nothing forwarded (empty payload)
+#   {2, owner, pttl}  a live other instance owns it; payload RPUSHed onto its inbox; pttl = ms
+#                     its liveness key has left (when to look again if it never answers)
+#   {3, owner, pttl}  a live other instance owns it; nothing forwarded (empty payload)
 #   {4}          nobody owns it and may_claim is "0"
 #   {5}          the lease names me and may_claim is "0"
 #   {-1}         my own liveness key is gone: I must not claim anything
@@ -167,12 +168,15 @@ if owner and owner ~= '' then
   if owner == ARGV[1] then
     if ARGV[3] ~= '1' then return {5} end
     reason = 'self'
-  elseif redis.call('EXISTS', ARGV[2] .. 'i:' .. owner .. ':alive') == 1 then
-    if ARGV[4] == '' then return {3, owner} end
-    forward(owner)
-    return {2, owner}
   else
-    reason = 'takeover'
+    local pttl = redis.call('PTTL', ARGV[2] .. 'i:' .. owner .. ':alive')
+    if pttl < 0 then
+      reason = 'takeover'
+    else
+      if ARGV[4] == '' then return {3, owner, pttl} end
+      forward(owner)
+      return {2, owner, pttl}
+    end
   end
 elseif owner == '' then
   reason = 'released'
@@ -180,11 +184,12 @@ end
 if ARGV[3] ~= '1' then return {4} end
 epoch = epoch + 1
 if ARGV[7] ~= '' and ARGV[7] ~= ARGV[1] then
-  if redis.call('EXISTS', ARGV[2] .. 'i:' .. ARGV[7] .. ':alive') == 0 then return {4} end
+  local pttl = redis.call('PTTL', ARGV[2] .. 'i:' .. ARGV[7] .. ':alive')
+  if pttl < 0 then return {4} end
   redis.call('HSET', KEYS[1], 'o', ARGV[7], 'e', epoch)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
   if ARGV[4] ~= '' then forward(ARGV[7]) end
-  return {2, ARGV[7]}
+  return {2, ARGV[7], pttl}
 end
 redis.call('HSET', KEYS[1], 'o', ARGV[1], 'e', epoch)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])

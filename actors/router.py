@@ -58,6 +58,8 @@ _MAX_HINTS = 100_000
 _MAX_SERVED = 20_000
 _INBOX_BATCH = 128
 _MAX_IDLE_SERVERS = 8
+# Looked at again this long after a silent owner's liveness key should have expired.
+_EXPIRY_MARGIN_S = 0.05
 
 
 def encode_command(command: Command) -> dict[str, Any]:
@@ -173,7 +175,7 @@ class Router:
                             self._hints.clear()
                         self._hints[session_id] = owner
                         assert rid is not None
-                        reply = await self._await_owner(rid, session_id, owner, stop)
+                        reply = await self._await_owner(rid, session_id, owner, int(r[2]), stop)
                         if reply is not None:
                             return reply
                         COMMANDS_RETRIED.labels("owner_gone").inc()
@@ -196,28 +198,31 @@ class Router:
             if rid is not None:
                 self._waiting.pop(rid, None)
 
-    async def _await_owner(self, rid: str, session_id: str, owner: str, stop: float) -> Reply | None:
+    async def _await_owner(self, rid: str, session_id: str, owner: str, pttl_ms: int, stop: float) -> Reply | None:
         """Wait for `owner`'s answer. None means route again: it answered MOVED, it is no longer
         the live owner, or time is up. A slow but live owner is never sent the command twice
-        (a duplicate could fall out of the idempotency window before it is seen)."""
+        (a duplicate could fall out of the idempotency window before it is seen).
+
+        A silent owner is looked at again just after its liveness key would expire (`pttl_ms`,
+        read when the command was forwarded): a dead owner costs at most one lease TTL plus a
+        round trip, at every TTL; a live one renewed its key and is waited for once more."""
         host = self.host
         waiter = self._waiting[rid]
-        wait = self.attempt_s
         while True:
             left = stop - time.monotonic()
             if left <= 0:
                 return None
-            with anyio.move_on_after(min(left, wait)):
+            with anyio.move_on_after(min(left, pttl_ms / 1000 + _EXPIRY_MARGIN_S)):
                 await waiter.done.wait()
             if waiter.msg is not None:
                 break
             if waiter.done.is_set():  # our reply subscription was re-made: the answer may be lost
                 self._waiting[rid] = _Waiter()
                 return None  # route again: a re-sent request id is answered, never run twice
-            wait *= 2  # a busy owner is not helped by being asked about more and more often
             r = await host.scripts.do_claim_or_forward(host.membership.incarnation, session_id, may_claim=False)
             if not (r[0] == OWNED_ELSEWHERE and r[1].decode() == owner):
                 return None
+            pttl_ms = int(r[2])
         msg = waiter.msg
         if msg["k"] == REPLY_MOVED:
             self._waiting[rid] = _Waiter()
