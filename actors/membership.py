@@ -21,6 +21,11 @@ from actors.keys import Scripts
 
 log = logging.getLogger(__name__)
 
+# Renewal after a failure: attempts this far apart, each given at most _MAX_ATTEMPT_S (a frozen
+# Redis or a client retrying with backoff must not hold the next attempt back).
+_RETRY_S = 0.05
+_MAX_ATTEMPT_S = 0.5
+
 
 def new_incarnation() -> str:
     """A fresh random incarnation id (never reused)."""
@@ -103,17 +108,30 @@ class Membership:
             rejoined.set()
 
     async def run(self) -> None:
-        """Renew every TTL/5 until cancelled; on a lapse, hand over to `lost()`."""
+        """Renew every TTL/5 until cancelled; on a lapse, hand over to `lost()`.
+
+        A failed attempt is retried every 50 ms (each attempt bounded to TTL/10, at most 0.5 s),
+        not a period later and not at the pace of the Redis client's own retry backoff: Redis
+        coming back is noticed within ~TTL/10, so an outage shorter than TTL - 2 x TTL/5 (in fact
+        up to about TTL - TTL/5 - TTL/10) never costs the liveness, and with it a mass failover."""
         period = self.ttl_ms / 5 / 1000
+        attempt = min(period / 2, _MAX_ATTEMPT_S)
+        wait, failures = period, 0
         while True:
-            await anyio.sleep(period)
+            await anyio.sleep(wait)
             inc = self.incarnation
             try:
-                with anyio.fail_after(period * 2):
+                with anyio.fail_after(attempt):
                     ok = await self.renew()
             except Exception as e:  # Redis unreachable: keep trying; the TTL decides, not us
-                log.warning("liveness renewal failed: %r", e)
+                if failures == 0:
+                    log.warning("liveness renewal failed, retrying every %.0f ms: %r", _RETRY_S * 1000, e)
+                failures += 1
+                wait = min(_RETRY_S, period)
                 continue
+            if failures:
+                log.warning("liveness renewed again after %d failed attempts", failures)
+            wait, failures = period, 0
             if not ok:
                 await self.lost(inc)
 

@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 
@@ -45,7 +46,7 @@ async def test_deadline_missed_while_redis_was_down_is_applied_soon_after_it_ret
                 server.kill()
                 # the deadline passes while Redis is down: the tick's write fails, the actor closes
                 await eventually(lambda: not h.is_local(sid), 5, "the failed tick closed the actor")
-                server.start()
+                await anyio.to_thread.run_sync(server.start)
                 back = time.monotonic()
 
                 async def expired() -> bool:
@@ -62,3 +63,55 @@ async def test_deadline_missed_while_redis_was_down_is_applied_soon_after_it_ret
             await client.aclose()
     assert took <= ttl_ms / 1000 + 1.5, took
     assert state.participants[0].has_expired and state.participants[0].time_used_ms == 1000  # not more
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+async def test_redis_blip_shorter_than_ttl_minus_a_renewal_period_keeps_the_liveness(
+        fault: str, tmp_path: Path, key_prefix: str) -> None:
+    # The issue's bound is TTL - 2 renewal periods; renewal retried every 50 ms once it failed
+    # does better: up to TTL - 1 period - 0.3 s (renewing only every period, the last attempt
+    # inside such a blip is followed by one after the key expired)
+    ttl_ms, period_ms = 3000, 600  # renewals every TTL/5
+    blip_s = (ttl_ms - period_ms) / 1000 - 0.3
+    with RedisServer(tmp_path) as server:
+        client = client_of(server)
+        probe = client_of(server)
+        try:
+            async with Host(client, key_prefix=key_prefix, lease_ttl_ms=ttl_ms) as h:
+                incarnation = h.incarnation
+                alive = h.keys.liveness(incarnation)
+                # the worst moment: a renewal is due (the key has TTL - period left), so the
+                # last renewal that got through was one period before the blip starts
+                await eventually(lambda: _pttl_at_most(probe, alive, ttl_ms - period_ms + 20), 5,
+                                 "a renewal about to be due")
+                await anyio.to_thread.run_sync(_blip, server, fault, blip_s)
+                # renewed after the blip: the key has more left than it would without a renewal
+                await eventually(lambda: _pttl_at_least(probe, alive, ttl_ms - period_ms), ttl_ms / 1000,
+                                 "a renewal after the blip")
+                assert h.incarnation == incarnation
+        finally:
+            await probe.aclose()
+            await client.aclose()
+
+
+def _blip(server: RedisServer, fault: str, seconds: float) -> None:
+    """Make Redis unreachable for `seconds` (in a thread: the host's loop keeps running)."""
+    if fault == "kill":
+        server.kill()
+        time.sleep(seconds - 0.03)  # the outage itself (restarting takes ~30 ms more)
+        server.start()
+    else:
+        server.freeze()
+        time.sleep(seconds)  # the outage itself
+        server.thaw()
+
+
+async def _pttl_at_most(probe: aioredis.Redis, key: str, ms: int) -> bool:
+    return 0 <= await probe.pttl(key) <= ms
+
+
+async def _pttl_at_least(probe: aioredis.Redis, key: str, ms: int) -> bool:
+    try:
+        return await probe.pttl(key) >= ms
+    except Exception:  # Redis still coming back
+        return False
