@@ -223,6 +223,14 @@ class Actor:
         release it. Queued and later commands get Moved: the router re-routes them to the target."""
         if self.closed:
             return
+        if not self._running and not self._box:  # idle (most actors in a drain): no task needed
+            lease = self.lease
+            self.close()
+            try:
+                await self.rt.store.hand_off(lease, self.session_id, target)
+            except Exception as e:  # Redis unreachable: the lease lapses with our liveness
+                log.warning("handing %s off failed: %r", self.session_id, e)
+            return
         slot = _Slot()
         self._post((_HAND_OFF, target), slot)
         await slot.done.wait()

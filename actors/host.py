@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -41,6 +42,8 @@ __all__ = ["Host", "Reply"]
 # Activations between two gc.freeze() calls: long-lived actor objects leave the GC's young
 # generations so full collections stay short at 100k sessions.
 _FREEZE_EVERY = 5_000
+# Hand-offs in flight at once while draining (and actors closed between two yields when stopping).
+_DRAIN_BATCH = 256
 
 
 def wall_ms() -> int:
@@ -120,8 +123,11 @@ class Host:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool | None:
-        for actor in list(self._actors.values()):
-            actor.close()
+        with anyio.CancelScope(shield=True):  # stopping must finish even when cancelled
+            for n, actor in enumerate(list(self._actors.values()), 1):
+                actor.close()
+                if n % _DRAIN_BATCH == 0:
+                    await anyio.lowlevel.checkpoint()  # 100k actors: let the loop breathe
         tg = self._tg
         assert tg is not None
         tg.cancel_scope.cancel()  # tasks spawned from here on start cancelled: nothing runs
@@ -200,20 +206,19 @@ class Host:
             await self.membership.renew()  # publish the draining flag now, not at the next renewal
         except Exception:
             pass
-        limiter = anyio.CapacityLimiter(64)
-
-        async def hand_off(actor: Actor, targets: list[str]) -> None:
-            async with limiter:
-                await actor.hand_off(rendezvous(actor.session_id, targets) if targets else None)
-
         while self._actors:
             me = self.incarnation
             targets = [i["incarnation"] for i in await self.instances()
                        if not i.get("draining") and i.get("synced", True) and i["incarnation"] != me]
             self._successors = targets
-            async with anyio.create_task_group() as tg:
-                for actor in list(self._actors.values()):
-                    tg.start_soon(hand_off, actor, targets)
+            # Bounded batches, each awaited before the next starts: at 100k actors, one task per
+            # actor started at once blocked the loop for seconds (renewal, inbox and timers
+            # starved; cancelling them at the drain timeout took as long again).
+            actors = list(self._actors.values())
+            for first in range(0, len(actors), _DRAIN_BATCH):
+                async with anyio.create_task_group() as tg:
+                    for actor in actors[first:first + _DRAIN_BATCH]:
+                        tg.start_soon(actor.hand_off, rendezvous(actor.session_id, targets) if targets else None)
         DRAIN_SECONDS.observe(time.monotonic() - started)
 
     async def ping(self) -> None:

@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from contextlib import ExitStack
 from typing import Any
 
@@ -139,6 +140,43 @@ async def drain_rep(b: Bench, sessions: int, loops: int) -> tuple[float, float, 
     m = re.search(r"^kairos_drain_seconds_sum ([0-9.e+-]+)$", metrics, re.MULTILINE)
     server = float(m.group(1)) if m else float("nan")
     return server, seen, failed, acked
+
+
+class LoopLag:
+    """How late a 5 ms sleep on this event loop wakes up, at worst, while `run()` is going:
+    `worst` in wall-clock time (on a busy machine this includes time the process was not
+    scheduled at all) and `worst_cpu` in CPU time this thread spent meanwhile (the stall our own
+    code caused: what starves renewal, the inbox and timers)."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.worst_cpu = 0.0
+
+    async def run(self) -> None:
+        """Measure until cancelled."""
+        while True:
+            t, cpu = time.monotonic(), time.thread_time()
+            await anyio.sleep(0.005)
+            self.worst = max(self.worst, time.monotonic() - t - 0.005)
+            self.worst_cpu = max(self.worst_cpu, time.thread_time() - cpu)
+
+
+async def populated(host: Any, n: int) -> list[str]:
+    """`n` new sessions created on an in-process `actors.host.Host` (64 at a time, so their
+    writes share round trips); their ids."""
+    from kairos.commands import Create, ParticipantSpec
+
+    sids = [str(uuid.uuid4()) for _ in range(n)]
+
+    async def create(chunk: list[str]) -> None:
+        for sid in chunk:
+            ps = tuple(ParticipantSpec(str(uuid.uuid4()), 60_000) for _ in range(2))
+            await host.ask(sid, Create(session_id=sid, sync_mode="per_participant", participants=ps, owner="bench"))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(64):
+            tg.start_soon(create, sids[i::64])
+    return sids
 
 
 _progress: list[Report] = []  # the running report, for progress lines from the repetitions
