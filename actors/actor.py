@@ -226,10 +226,12 @@ class Actor:
         if not self._running and not self._box:  # idle (most actors in a drain): no task needed
             lease = self.lease
             self.close()
-            try:
-                await self.rt.store.hand_off(lease, self.session_id, target)
-            except Exception as e:  # Redis unreachable: the lease lapses with our liveness
-                log.warning("handing %s off failed: %r", self.session_id, e)
+            # Shielded: a drain cut by its timeout must not leave a closed actor's lease naming us.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT_S):
+                try:
+                    await self.rt.store.hand_off(lease, self.session_id, target)
+                except Exception as e:  # Redis unreachable: the lease lapses with our liveness
+                    log.warning("handing %s off failed: %r", self.session_id, e)
             return
         slot = _Slot()
         self._post((_HAND_OFF, target), slot)

@@ -58,6 +58,7 @@ _MAX_HINTS = 100_000
 _MAX_SERVED = 20_000
 _INBOX_BATCH = 128
 _MAX_IDLE_SERVERS = 8
+_MAX_SERVING = 512  # inbox entries served at once; the inbox is read again as they finish
 # Looked at again this long after a silent owner's liveness key should have expired.
 _EXPIRY_MARGIN_S = 0.05
 
@@ -118,6 +119,7 @@ class Router:
         # request id -> packed answer (None while running): duplicates of a forwarded request
         self._served: OrderedDict[str, bytes | None] = OrderedDict()
         self._serving = 0  # inbox entries being served now (a backlog hint for the inbox loop)
+        self._room = anyio.Event()  # set when _serving drops below _MAX_SERVING
         # Serving tasks that finished an entry wait here for the next one (up to a few): handing
         # an entry over costs ~5 us, starting a task for it ~35 us.
         self._idle_servers: list[_IdleServer] = []
@@ -297,6 +299,11 @@ class Router:
         host = self.host
         busy = False  # a backlog was seen: drain it in batches (one round trip per batch)
         while True:
+            if self._serving >= _MAX_SERVING:
+                # A burst (a peer draining 100k sessions here): take more only as these finish,
+                # or thousands of tasks waking at once stall the loop (renewal, timers, replies).
+                self._room = anyio.Event()
+                await self._room.wait()
             inc = host.membership.incarnation
             try:
                 if busy:
@@ -336,6 +343,8 @@ class Router:
                 log.exception("serving an inbox entry failed")
             finally:
                 self._serving -= 1
+                if self._serving < _MAX_SERVING:
+                    self._room.set()
             if len(self._idle_servers) >= _MAX_IDLE_SERVERS:
                 return
             idle = _IdleServer()

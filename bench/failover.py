@@ -221,7 +221,8 @@ async def outage_rep(b: Bench, redis_server: RedisServer, outage_s: float, sessi
     return max(seen.values()) - back
 
 
-async def scale_drain(redis_url: str, actors: int, timeout_s: float, ttl_ms: int) -> dict[str, float]:
+async def scale_drain(redis_url: str, database_url: str | None, actors: int, timeout_s: float,
+                      ttl_ms: int) -> dict[str, float]:
     """An in-process host with `actors` live actors drains to a `kairos serve` process, cut at
     `timeout_s`, then stops."""
     import redis.asyncio as aioredis
@@ -231,7 +232,7 @@ async def scale_drain(redis_url: str, actors: int, timeout_s: float, ttl_ms: int
     prefix = f"bench-drain:{os.getpid()}:{time.time_ns()}:"
     client = aioredis.Redis.from_url(redis_url)
     out: dict[str, float] = {}
-    with KairosServer(server_env(redis_url, None, prefix, KAIROS_LEASE_TTL_MS=str(ttl_ms)),
+    with KairosServer(server_env(redis_url, database_url, prefix, KAIROS_LEASE_TTL_MS=str(ttl_ms)),
                       ready_timeout_s=60) as receiver:
         receiver.wait_ready(60)
         lag = LoopLag()
@@ -418,7 +419,7 @@ def run(args: argparse.Namespace, report: Report) -> None:
         if args.drain_actors:
             ttl_ms = 5000
             report.step(f"drain at scale: {args.drain_actors} in-process actors")
-            r = asyncio.run(scale_drain(redis_url, args.drain_actors, args.drain_timeout_s, ttl_ms))
+            r = asyncio.run(scale_drain(redis_url, database_url, args.drain_actors, args.drain_timeout_s, ttl_ms))
             period = ttl_ms / 5 / 1000
             report.value("renewal_period", period, "s", "renewal period at TTL 5 s (baseline)")
             report.value("scale_lag_cpu", r["lag_cpu_s"], "s", f"worst loop stall (CPU), {args.drain_actors} actors",

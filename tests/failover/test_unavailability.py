@@ -22,8 +22,8 @@ def anyio_backend() -> str:
 
 @pytest.mark.parametrize("ttl_ms", [1000, 3000])
 async def test_switches_wait_at_most_ttl_plus_one_second_after_the_owner_is_killed(
-        ttl_ms: int, redis_url: str, key_prefix: str) -> None:
-    env = server_env(redis_url, None, key_prefix, KAIROS_LEASE_TTL_MS=str(ttl_ms),
+        ttl_ms: int, redis_url: str, database_url: str, key_prefix: str) -> None:
+    env = server_env(redis_url, database_url, key_prefix, KAIROS_LEASE_TTL_MS=str(ttl_ms),
                      KAIROS_RATE_LIMIT_GENERAL="0", KAIROS_RATE_LIMIT_SWITCH="0")
     with KairosServer(env) as owner, KairosServer(env) as other:
         owner.wait_ready()
