@@ -407,8 +407,10 @@ async def session_events(session_id: str) -> Response:
 @document_response(S.DeviceEnvelope, 201)
 @documented(400, 401, 403, 409, 413, 429, 503)
 async def register_device() -> Response:
-    """Register a push token for the caller; a token someone else registered is theirs (409
-    DEVICE_TOKEN_TAKEN) until they delete it, unless an admin reassigns it (`sub`)."""
+    """Register a push token for the caller (409 if another caller holds it).
+
+    A token belongs to whoever registered it until they delete it or FCM reports it unregistered;
+    another caller gets 409 DEVICE_TOKEN_TAKEN. An admin may reassign it with `sub`."""
     caller = await authenticate()
     raw = await required_body()
     body = validated(S.DeviceIn, raw)

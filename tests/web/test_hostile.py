@@ -12,6 +12,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
+from tests.audit.fake_fcm import FakeFcm, fake_fcm, service_account  # noqa: F401 (fixtures)
 from tests.servers import KairosServer, make_token, server_env
 from tests.web.conftest import bearer, chess_body, new_id, wait_for
 
@@ -287,15 +288,27 @@ def test_security_headers(http: httpx.Client) -> None:
     assert csp.split("script-src", 1)[1].split(";")[0].split() == ["'self'"]  # no inline, no CDN
 
 
-def test_no_token_or_secret_in_any_log_line(redis_url: str, database_url: str, module_prefix: str) -> None:
-    env = server_env(redis_url, database_url, module_prefix + "logs:", KAIROS_LOG_LEVEL="debug")
+def test_no_token_or_secret_in_any_log_line(
+        redis_url: str, database_url: str, module_prefix: str,
+        fake_fcm: FakeFcm, service_account: str) -> None:  # noqa: F811 (fixtures imported above)
+    """A debug-level run that used a bearer token (header and query), a push token and FCM
+    credentials (a push was sent) logs none of them, nor the JWT secret."""
+    env = server_env(redis_url, database_url, module_prefix + "logs:", KAIROS_LOG_LEVEL="debug",
+                     KAIROS_FCM_CREDENTIALS=service_account, KAIROS_FCM_ENDPOINT=fake_fcm.url,
+                     KAIROS_RATE_LIMIT_SWITCH="0")
     with KairosServer(env) as srv:
         srv.wait_ready()
         jwt_token = srv.token("logger")
+        body = chess_body()
+        player = body["participants"][1]["participant_id"]
         device = f"fcm-secret-{new_id()}"
         with httpx.Client(base_url=srv.url, headers=bearer(jwt_token), timeout=10) as c:
-            sid = c.post("/v1/sessions", json=chess_body()).json()["data"]["session_id"]
-            c.post("/v1/devices", json={"token": device, "platform": "ios"})
+            sid = c.post("/v1/sessions", json=body).json()["data"]["session_id"]
+            with httpx.Client(base_url=srv.url, headers=bearer(srv.token(player)), timeout=10) as p:
+                assert p.post("/v1/devices", json={"token": device, "platform": "ios"}).status_code == 201
+            assert c.post(f"/v1/sessions/{sid}/start").status_code == 200
+            assert c.post(f"/v1/sessions/{sid}/switch").status_code == 200  # "your turn" to player
+            wait_for(lambda: any(m["token"] == device for m in fake_fcm.sent), what="the push")
             c.delete(f"/v1/devices/{device}")
             c.get(f"/v1/sessions/{sid}?token={jwt_token}")
             httpx.get(f"{srv.url}/v1/sessions/{sid}", headers=bearer(jwt_token + "x"))
@@ -303,5 +316,9 @@ def test_no_token_or_secret_in_any_log_line(redis_url: str, database_url: str, m
             ws.recv(timeout=5)
         wait_for(lambda: "request" in srv.log_path.read_text(), what="an access log line")
     logged = srv.log_path.read_text()
-    for secret in (jwt_token, jwt_token.rsplit(".", 1)[1], device, srv.env["KAIROS_JWT_SECRET"]):
+    private_key = json.loads(open(service_account).read())["private_key"]
+    secrets = [jwt_token, jwt_token.rsplit(".", 1)[1], device, srv.env["KAIROS_JWT_SECRET"],
+               "fake-access", *[line for line in private_key.splitlines()[1:-1] if len(line) > 20][:3]]
+    assert logged.count("\n") > 10
+    for secret in secrets:
         assert secret not in logged
