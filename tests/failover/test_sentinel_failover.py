@@ -2,9 +2,10 @@
 
 A master, two replicas and three sentinels of the test's own; two instances reach Redis only
 through the sentinels; clients switch several sessions through both instances, retrying each
-Idempotency-Key until it is acknowledged. The master is SIGKILLed, the sentinels promote a
-replica, and afterwards no acknowledged switch is lost, none is applied twice, and every clock
-is exactly what the last acknowledged answer said. Unavailability is printed."""
+Idempotency-Key until it is acknowledged, and a WebSocket client watches each session. The master
+is SIGKILLed, the sentinels promote a replica, and afterwards no acknowledged switch is lost, none
+is applied twice, every clock is exactly what the last acknowledged answer said, and no version a
+watcher saw came with two different contents. Unavailability is printed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from bench.redis_topology import Replicated
-from tests.failover.kit import Switcher, create_running, total_cycles, wait_until
+from tests.failover.kit import Switcher, Watcher, create_running, total_cycles, wait_until
 from tests.servers import KairosServer, server_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
@@ -35,8 +36,12 @@ async def test_master_failover_loses_no_acknowledged_switch(tmp_path: Path, data
             async with httpx.AsyncClient(headers={"Authorization": f"Bearer {a.token('ha')}"}, timeout=15) as http:
                 sids = [(await create_running(http, urls[i % 2]))["session_id"] for i in range(SESSIONS)]
                 switchers = [Switcher(http, sid, urls) for sid in sids]
+                watchers = [Watcher(sid, [(b, a)[i % 2].ws_url], a.token("ha")) for i, sid in enumerate(sids)]
                 old_master = topo.announced_master()
                 async with anyio.create_task_group() as tg:
+                    for w in watchers:
+                        tg.start_soon(w.run)
+                        await w.connected.wait()
                     for s in switchers:
                         tg.start_soon(s.run)
                     await wait_until(lambda: all(len(s.acked) >= 10 for s in switchers), 20, "switches before")
@@ -47,6 +52,12 @@ async def test_master_failover_loses_no_acknowledged_switch(tmp_path: Path, data
                                      "switches after the failover")
                     for s in switchers:
                         await s.stop()
+                    await wait_until(lambda: all(w.last_version == s.acked[-1][1]
+                                                 for w, s in zip(watchers, switchers, strict=True)),
+                                     15, "watchers caught up")
+                    for w in watchers:
+                        w.stopped = True
+                    tg.cancel_scope.cancel()
                 finals = [(await http.get(f"{b.url}/v1/sessions/{sid}")).json()["data"] for sid in sids]
     gaps = [s.longest_gap() for s in switchers]
     print(f"\nsentinel failover: promoted {promoted - killed:.2f} s after the kill; longest stretch without "
@@ -59,6 +70,13 @@ async def test_master_failover_loses_no_acknowledged_switch(tmp_path: Path, data
         assert final["version"] == 2 + len(acked)  # none lost
         assert total_cycles(final) == len(acked)  # none applied twice
         assert _clocks(final) == _clocks(s.last)  # clocks exactly as last acknowledged
+    for w, final in zip(watchers, finals, strict=True):
+        seen: dict[int, list[tuple[object, ...]]] = {}
+        for _, frame in w.frames:
+            state = frame.get("state")
+            if frame.get("type") in ("STATE_UPDATE", "STATE_SYNC") and state:
+                assert seen.setdefault(state["version"], _clocks(state)) == _clocks(state)  # never reissued
+        assert seen[final["version"]] == _clocks(final)
     assert max(gaps) < (promoted - killed) + 5
 
 
