@@ -142,7 +142,7 @@ async def _run(args: argparse.Namespace, report: Report, redis_url: str, admin_u
                      baseline=None if name == "one_by_one" else "one_by_one_events_per_s")
 
 
-QUICK: dict[str, Any] = {"messages": 3000, "sessions": 100, "row_sample": 300}
+QUICK: dict[str, Any] = {"messages": 3000, "sessions": 100, "row_sample": 100}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -31,11 +31,11 @@ from typing import Any
 from bench.client import RawHttp, check_errors, start_session
 from bench.report import BenchError, Report
 from bench.servers import stores
-from bench.switch import concurrent, sequential
+from bench.switch import concurrent, sequential, start_sessions
 from bench.target import Target, add_store_arguments, check_url, kairos
 
 LABELS = string.ascii_uppercase[:4]
-QUICK: dict[str, Any] = {"rounds": 4, "n": 200, "seconds": 2.0, "subscribers": 20, "switches": 40}
+QUICK: dict[str, Any] = {"rounds": 2, "n": 200, "seconds": 1.0, "subscribers": 20, "switches": 20}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -214,9 +214,10 @@ def run(args: argparse.Namespace, report: Report) -> None:
             got = asyncio.run(sequential(t, per_round, min(args.sessions, per_round), warmup=20))
             for k, v in got.items():
                 seq[t.label].setdefault(k, []).extend(v)
+        sids = {t.label: asyncio.run(start_sessions(t, args.concurrent_sessions)) for t in targets}
         for r, t in _turns(targets, args.rounds):
             report.step(f"concurrent round {r + 1}/{args.rounds}: {t.label}")
-            lat, elapsed, cpu = asyncio.run(concurrent(t, args.concurrent_sessions, args.connections,
+            lat, elapsed, cpu = asyncio.run(concurrent(t, sids[t.label], args.connections,
                                                        args.seconds / args.rounds, 10**9))
             c = conc[t.label]
             c["lat"] += lat

@@ -25,7 +25,7 @@ from bench.report import BenchError, Report
 from bench.servers import process_cpu_s
 from bench.target import Target, add_target_arguments, check_target_arguments, kairos
 
-QUICK: dict[str, Any] = {"n": 300, "seconds": 1.5}
+QUICK: dict[str, Any] = {"n": 200, "seconds": 1.0}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -78,15 +78,19 @@ async def sequential(target: Target, n: int, sessions: int = 1, warmup: int = 10
             redis.close()
 
 
-async def concurrent(target: Target, sessions: int, connections: int, seconds: float,
-                     max_requests: int) -> tuple[list[float], float, float]:
-    """(switch latencies ms, elapsed s, server CPU s) with `connections` connections switching
-    `sessions` sessions for `seconds` or `max_requests` requests, whichever ends first."""
+async def start_sessions(target: Target, n: int) -> list[str]:
+    """`n` running sessions, created over one connection."""
     setup = await RawHttp(target.url, target.token).open()
     try:
-        sids = [await start_session(setup) for _ in range(sessions)]
+        return [await start_session(setup) for _ in range(n)]
     finally:
         setup.close()
+
+
+async def concurrent(target: Target, sids: list[str], connections: int, seconds: float,
+                     max_requests: int) -> tuple[list[float], float, float]:
+    """(switch latencies ms, elapsed s, server CPU s) with `connections` connections switching
+    the sessions `sids` for `seconds` or `max_requests` requests, whichever ends first."""
     pool = [await RawHttp(target.url, target.token).open() for _ in range(connections)]
     lat: list[float] = []
     errors: Counter[int] = Counter()
@@ -175,8 +179,9 @@ def run(args: argparse.Namespace, report: Report) -> None:
         record_sequential(report, asyncio.run(sequential(target, args.n)))
         report.step(f"concurrent: {args.sessions} sessions x {args.connections} connections, "
                     f"{args.seconds:g} s")
-        lat, elapsed, cpu = asyncio.run(concurrent(target, args.sessions, args.connections,
-                                                   args.seconds, args.max_requests))
+        sids = asyncio.run(start_sessions(target, args.sessions))
+        lat, elapsed, cpu = asyncio.run(concurrent(target, sids, args.connections, args.seconds,
+                                                   args.max_requests))
         report.latency("switch_concurrent", lat, f"POST switch, {args.connections} connections",
                        baseline="health")
         report.value("switches_per_s", len(lat) / elapsed, "/s", f"switches/s, {args.connections} connections")
