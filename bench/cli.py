@@ -77,10 +77,6 @@ def _module(name: str) -> ModuleType:
 
 def _subparser(sub: Any, name: str) -> argparse.ArgumentParser:
     mod = _module(name)
-    if not hasattr(mod, "add_arguments"):  # a module still on the old `main(argv)` entry point
-        p = sub.add_parser(name, help=COMMANDS[name], add_help=False, prefix_chars="\0")
-        p.add_argument("argv", nargs=argparse.REMAINDER)
-        return p
     p = sub.add_parser(name, help=COMMANDS[name], description=mod.__doc__, formatter_class=Formatter)
     mod.add_arguments(p)
     _common(p)
@@ -194,9 +190,6 @@ def _run_all(args: argparse.Namespace) -> list[Report]:
         except BenchError as e:  # a subcommand this version does not ship
             print(f"python -m bench all: skipping {name}: {e}", file=sys.stderr)
             continue
-        if not hasattr(mod, "add_arguments"):
-            print(f"python -m bench all: skipping {name} (not on the common interface yet)", file=sys.stderr)
-            continue
         p = Parser(prog=f"python -m bench {name}")
         mod.add_arguments(p)
         _common(p)
@@ -236,9 +229,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.plot:
             require_matplotlib()
         started_at, t0 = now_utc(), time.monotonic()
-        if hasattr(args, "argv"):
-            _module(args.command).main(args.argv)
-            raise SystemExit(0)
         if args.command == "all":
             reports = _run_all(args)
         else:
