@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = ["codec.rounds=50", "actor.n=50", "switch.n=50", "switch.seconds=0.5", "audit.messages=300",
         "audit.row-sample=50", "failover.ttl-ms=1000", "failover.sessions=20", "failover.loops=4",
         "compare.rounds=2", "compare.n=20", "compare.seconds=0.3", "compare.subscribers=3",
-        "fanout.switches=3", "fanout.sockets=10", "fanout.clients=1"]
+        "fanout.switches=3", "fanout.sockets=10", "fanout.clients=1", "capacity.sessions=50",
+        "capacity.expiring=3", "capacity.sample=5"]
 LATENCY_KEYS = {"label", "unit", "count", "p50", "p90", "p99", "p99_9", "max", "mean", "baseline",
                 "ratio_p50", "ratio_p99"}
 
@@ -37,6 +38,7 @@ def _tiny_sets() -> list[str]:
     return [a for s in TINY if s.split(".")[0] in shipped for a in ("--set", s)]
 
 
+@pytest.mark.timeout(300)  # ten `kairos serve` starts, each a few seconds on a loaded 2-core box
 def test_all_quick_runs_every_subcommand_and_writes_the_documented_json(
         tmp_path: Path, redis_url: str, database_url: str) -> None:
     out_json, out_png = tmp_path / "all.json", tmp_path / "all.png"
