@@ -150,15 +150,17 @@ class Relay:
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
         self.sockets: set[Socket] = set()
+        self.version = 0  # the newest version relayed here
 
     def __call__(self, message: bytes) -> None:
         """Fan-out watcher: frame the update once, write the same bytes to every socket."""
         try:
-            texts, deleted = update_frames(message)
+            texts, deleted, version = update_frames(message)
         except (ValueError, KeyError, TypeError):
             log.warning("undecodable update message", session_id=self.session_id)
             return
         metrics.WS_MESSAGES.labels("out", "STATE_UPDATE").inc(len(self.sockets))
+        self.version = max(self.version, version)
         self.send(Frames(texts))
         if deleted:
             for sock in self.sockets:
@@ -170,9 +172,11 @@ class Relay:
             sock.send(frames)
 
 
-def update_frames(message: bytes) -> tuple[list[str], bool]:
-    """The WS frames for one update message (kairos.wire format), and whether it was a delete."""
+def update_frames(message: bytes) -> tuple[list[str], bool, int]:
+    """The WS frames for one update message (kairos.wire format), whether it was a delete, and
+    its version."""
     msg = json.loads(message)
+    version = msg.get("version") or 0
     sid = msg["session_id"]
     ts = msg["server_time_ms"]
     state = msg.get("state")
@@ -189,9 +193,9 @@ def update_frames(message: bytes) -> tuple[list[str], bool]:
                                   "participant_id": expired, "state": state}))
     if state is None:
         frames.append(json.dumps({"type": "SESSION_DELETED", "sessionId": sid, "timestamp": ts}))
-        return frames, True
+        return frames, True, version
     frames.append(json.dumps({"type": "STATE_UPDATE", "sessionId": sid, "timestamp": ts, "state": state}))
-    return frames, False
+    return frames, False, version
 
 
 class Relays:
@@ -241,14 +245,16 @@ class Relays:
                 if relay is None:
                     return
                 try:
-                    frame = state_sync_frame(sid, await self.svc.host.get(sid), self.svc.clock())
+                    state = await self.svc.host.get(sid)
                 except Exception as exc:
                     log.warning("re-sync failed; closing the session's sockets", session_id=sid,
                                 error=str(exc))
                     for sock in list(relay.sockets):
                         sock.close(1012, "Service restart")
                     return
-                relay.send(Frames([frame]))
+                if state.version < relay.version:
+                    return  # a newer update arrived since the resubscribe: nothing was missed
+                relay.send(Frames([state_sync_frame(sid, state, self.svc.clock())]))
 
         async with anyio.create_task_group() as tg:
             for sid in session_ids:

@@ -75,8 +75,9 @@ def _message(events: list[dict], state: dict | None, expired: str | None = None)
 
 def test_update_frames_order_warning_expired_then_update() -> None:
     state = {"status": "expired", "version": 5}
-    frames, deleted = update_frames(_message(
+    frames, deleted, version = update_frames(_message(
         [{"type": "time_warning", "participant_id": "p", "data": {"time_remaining_ms": 9}}], state, "p"))
+    assert version == 5
     kinds = [json.loads(f)["type"] for f in frames]
     assert kinds == ["TIME_WARNING", "TIME_EXPIRED", "STATE_UPDATE"] and not deleted
     warning = json.loads(frames[0])
@@ -85,7 +86,7 @@ def test_update_frames_order_warning_expired_then_update() -> None:
 
 
 def test_update_frames_for_a_deletion() -> None:
-    frames, deleted = update_frames(_message([{"type": "session_deleted"}], None))
+    frames, deleted, _ = update_frames(_message([{"type": "session_deleted"}], None))
     assert deleted and [json.loads(f) for f in frames] == [
         {"type": "SESSION_DELETED", "sessionId": "s", "timestamp": 1000}]
 
@@ -197,3 +198,31 @@ def test_store_outages_map_to_503_and_surprises_to_500() -> None:
     assert as_kairos_error(ConnectionRefusedError()).code == "UNAVAILABLE"
     err = as_kairos_error(RuntimeError("bug"))
     assert (err.status, err.code) == (500, "INTERNAL_ERROR")
+
+
+def test_resync_sends_the_current_state_unless_a_newer_update_already_went_out() -> None:
+    import anyio
+
+    from kairos import apply
+    from tests.core.helpers import T0, make_create
+    from web.ws import Relay, Relays
+
+    state = apply(None, make_create(), T0).state  # version 1
+
+    class Host:
+        async def get(self, sid: str) -> object:
+            return state
+
+    class Svc:
+        host = Host()
+        clock = staticmethod(lambda: T0)
+
+    relays = Relays(Svc())
+    sent: list[Frames] = []
+    relay = relays.relays[state.session_id] = Relay(state.session_id)
+    relay.send = sent.append  # type: ignore[method-assign]
+    anyio.run(relays.resync, [state.session_id])
+    assert [json.loads(f.texts[0])["type"] for f in sent] == ["STATE_SYNC"]
+    relay.version = 2  # an update newer than the state read arrived after the resubscribe
+    anyio.run(relays.resync, [state.session_id])
+    assert len(sent) == 1
