@@ -227,3 +227,21 @@ def stores(redis_url: str | None, database_url: str | None, *,
             stack.callback(pg.cleanup)
             database_url = pg.get_uri()
         yield redis_url, database_url
+
+
+def drop_keys(redis_url: str, prefix: str) -> int:
+    """Delete every key under `prefix` (what a run's own server left in a shared Redis); how many."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        n = 0
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) == 1000:
+                n += client.unlink(*batch)
+                batch.clear()
+        return n + (client.unlink(*batch) if batch else 0)
+    finally:
+        client.close()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from bench.report import BenchError, Report
-from bench.servers import KairosServer, server_env, stores
+from bench.servers import KairosServer, drop_keys, server_env, stores
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ def kairos(args: argparse.Namespace, report: Report, *, label: str = "A", worker
     with stores(args.redis_url, args.database_url) as (redis_url, database_url):
         report.redis_url, report.database_url = redis_url, database_url
         secret = secrets.token_hex(32)
-        server = KairosServer(server_env(redis_url, database_url, f"bench:{uuid.uuid4().hex[:8]}:",
+        prefix = f"bench:{uuid.uuid4().hex[:8]}:"
+        server = KairosServer(server_env(redis_url, database_url, prefix,
                                          KAIROS_JWT_SECRET=secret, KAIROS_RATE_LIMIT_GENERAL="0",
                                          KAIROS_RATE_LIMIT_SWITCH="0", **env),
                               workers=workers or args.workers, ready_timeout_s=90)
@@ -105,10 +106,11 @@ def kairos(args: argparse.Namespace, report: Report, *, label: str = "A", worker
             server.stop()
             raise BenchError(f"kairos serve did not start: {str(e).splitlines()[0]} "
                              f"(log: {server.log_path})") from e
-        report.step(f"kairos serve ready: pid {server.pid}, {server.url}")
+        report.step(f"kairos serve ready: pid {server.pid}, {server.url}, keys under {prefix}")
         try:
             report.add_server(server.url)
             yield Target(label, server.url, server.token("bench"), server.pid, redis_url)
         finally:
             report.step(f"stopping kairos serve on port {server.port}")
             server.stop()
+            drop_keys(redis_url, prefix)  # its sessions, outbox and leases: nothing left behind

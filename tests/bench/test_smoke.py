@@ -156,14 +156,15 @@ def test_interrupting_a_run_stops_the_server_it_started(
                              "--database-url", database_url], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        server_pid = None
+        server_pid, prefix = None, ""
         assert proc.stderr is not None
         for line in proc.stderr:  # progress lines, until the workload is under way
-            m = re.search(r"kairos serve ready: pid (\d+)", line)
-            server_pid = int(m.group(1)) if m else server_pid
+            m = re.search(r"kairos serve ready: pid (\d+), .* keys under (\S+)", line)
+            server_pid, prefix = (int(m.group(1)), m.group(2)) if m else (server_pid, prefix)
             if "sequential:" in line:
                 break
         assert server_pid is not None and _alive(server_pid)
+        assert _keys(redis_url, prefix) > 0
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -172,6 +173,17 @@ def test_interrupting_a_run_stops_the_server_it_started(
     assert proc.returncode == 130
     assert "interrupted" in err
     assert not _alive(server_pid)
+    assert _keys(redis_url, prefix) == 0  # the run's sessions were dropped from the shared Redis
+
+
+def _keys(redis_url: str, prefix: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return sum(1 for _ in client.scan_iter(match=f"{prefix}*", count=1000))
+    finally:
+        client.close()
 
 
 def _alive(pid: int) -> bool:
