@@ -21,6 +21,10 @@ async def subscribers(client: aioredis.Redis, channel: str) -> int:
     return dict(await client.pubsub_numsub(channel)).get(channel.encode(), 0)
 
 
+async def subscribed(client: aioredis.Redis, channel: str, count: int) -> bool:
+    return await subscribers(client, channel) == count
+
+
 
 
 async def test_subscribe_on_first_watcher_unsubscribe_on_last(redis_url: str, key_prefix: str) -> None:
@@ -34,14 +38,16 @@ async def test_subscribe_on_first_watcher_unsubscribe_on_last(redis_url: str, ke
             assert await subscribers(client, channel) == 0
             await fanout.watch("s1", a.append)
             await fanout.watch("s1", b.append)
-            assert await subscribers(client, channel) == 1  # one connection, one subscription
+            # SUBSCRIBE is sent, not confirmed, when watch returns: wait for Redis to count it
+            await eventually(lambda: subscribed(client, channel, 1), what="one subscription")
             await client.publish(channel, b"update-1")
             await eventually(lambda: len(a) == 1 and len(b) == 1, what="both watchers relayed")
             assert a == b == [b"update-1"]  # the very same bytes, relayed untouched
             await fanout.unwatch("s1", a.append)
             assert await subscribers(client, channel) == 1
             await fanout.unwatch("s1", b.append)
-            assert await subscribers(client, channel) == 0 and fanout.watching() == 0
+            assert fanout.watching() == 0
+            await eventually(lambda: subscribed(client, channel, 0), what="unsubscribed after the last")
             await client.publish(channel, b"update-2")
             await fanout.watch("s2", a.append)
             await client.publish(keys.channel("s2"), b"other")
