@@ -167,6 +167,10 @@ def test_client_alone_installs_small_and_runs_the_chess_clock_example(
     size = sum(f.stat().st_size for f in site.rglob("*") if f.is_file())
     print(f"\nclient-only install: {size / 1e6:.1f} MB in {site}")
     assert size < 25e6
+    cli = subprocess.run([str(venv / "bin" / "kairos"), "serve"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert cli.returncode == 1 and "pip install 'kairos[server]'" in cli.stderr, cli.stderr
+    assert "Traceback" not in cli.stderr
     run = subprocess.run(
         [py, str(ROOT / "docs" / "examples" / "chess_clock.py"), "--url", server.url,
          "--token", server.token("alice"), "--moves", "3", "--move-ms", "100"],
