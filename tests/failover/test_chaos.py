@@ -154,8 +154,13 @@ async def _chaos(cluster: Cluster, redis_server: RedisServer, rng: random.Random
                 await s.stop(60)
             finals = {sid: (await http.get(f"{urls[0]}/v1/sessions/{sid}")).json()["data"]
                       for sid in switched + list(deadlines)}
-            await eventually(lambda: all(w.last_version == finals[w.sid]["version"] for w in watchers), 20,
-                             "every socket caught up")
+            try:
+                await eventually(lambda: all(w.last_version == finals[w.sid]["version"] for w in watchers), 20,
+                                 "every socket caught up")
+            except AssertionError:
+                behind = [(w.sid[:8], w.last_version, finals[w.sid]["version"], _around(w, w.last_version or 0),
+                           w.closes[-3:]) for w in watchers if w.last_version != finals[w.sid]["version"]]
+                raise AssertionError(f"sockets behind (session, last seen, final, frames, closes): {behind}") from None
             for w in watchers:
                 w.stopped = True
             tg.cancel_scope.cancel()
