@@ -33,12 +33,25 @@ def _env() -> dict[str, str]:
     return env | {"PYTHONUNBUFFERED": "1"}
 
 
+def _bench(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run the harness; past `timeout` stop it with SIGTERM (it then stops the servers it started,
+    which a SIGKILL would orphan) and fail."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"{' '.join(cmd[1:4])} still running after {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _tiny_sets() -> list[str]:
     shipped = {n for n in COMMANDS if (REPO / "bench" / f"{n}.py").exists()}
     return [a for s in TINY if s.split(".")[0] in shipped for a in ("--set", s)]
 
 
-@pytest.mark.timeout(300)  # ten `kairos serve` starts, each a few seconds on a loaded 2-core box
+@pytest.mark.timeout(330)  # ten `kairos serve` starts, each a few seconds on a loaded 2-core box
 def test_all_quick_runs_every_subcommand_and_writes_the_documented_json(
         tmp_path: Path, redis_url: str, database_url: str) -> None:
     out_json, out_png = tmp_path / "all.json", tmp_path / "all.png"
@@ -50,7 +63,7 @@ def test_all_quick_runs_every_subcommand_and_writes_the_documented_json(
         plot = []
     cmd = [sys.executable, "-m", "bench", "all", "--quick", *_tiny_sets(), "--redis-url", redis_url,
            "--database-url", database_url, "--json", str(out_json), *plot]
-    done = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    done = _bench(cmd, cwd=REPO, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads(out_json.read_text())
     assert doc["schema"] == "kairos-bench/1" and doc["command"] == "all"
@@ -75,6 +88,7 @@ def test_all_quick_runs_every_subcommand_and_writes_the_documented_json(
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(420)  # building the wheel, installing it, then the run (each bounded below)
 def test_switch_quick_runs_from_the_installed_wheel_without_the_tests_package(
         tmp_path: Path, redis_url: str, database_url: str) -> None:
     wheels = tmp_path / "wheels"
@@ -98,16 +112,17 @@ def test_switch_quick_runs_from_the_installed_wheel_without_the_tests_package(
                             "import importlib.util as u; print(u.find_spec('tests'))"],
                            cwd=where, env=_env(), check=True, capture_output=True, text=True).stdout
     assert probe.count(site) == 2 and probe.strip().endswith("None"), probe
-    done = subprocess.run([str(py), "-m", "bench", "switch", "--quick", "--quiet", "-n", "50", "--seconds", "0.5",
+    done = _bench([str(py), "-m", "bench", "switch", "--quick", "--quiet", "-n", "50", "--seconds", "0.5",
                            "--redis-url", redis_url, "--database-url", database_url,
                            "--json", str(tmp_path / "switch.json")],
-                          cwd=where, env=_env(), capture_output=True, text=True, timeout=180)
+                  cwd=where, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "== switch" in done.stdout
     run = json.loads((tmp_path / "switch.json").read_text())["runs"]["switch"]
     assert run["error"] is None and run["latencies"]["switch"]["count"] == 50
 
 
+@pytest.mark.timeout(240)
 def test_compare_runs_against_a_plain_synckairos_server_without_auth_or_ws_commands(
         tmp_path: Path, redis_url: str, database_url: str) -> None:
     from bench.servers import free_port
@@ -127,11 +142,11 @@ def test_compare_runs_against_a_plain_synckairos_server_without_auth_or_ws_comma
 
         wait_for(up, 30, "the plain server")
         out = tmp_path / "compare.json"
-        done = subprocess.run([sys.executable, "-m", "bench", "compare", "--quiet", "--url", f"http://127.0.0.1:{port}",
+        done = _bench([sys.executable, "-m", "bench", "compare", "--quiet", "--url", f"http://127.0.0.1:{port}",
                                "--no-auth-A", "--pid-A", str(plain.pid), "--rounds", "2", "-n", "40",
                                "--seconds", "0.4", "--subscribers", "3", "--switches", "6",
                                "--redis-url", redis_url, "--database-url", database_url, "--json", str(out)],
-                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+                      cwd=REPO, timeout=150)
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
         plain.kill()
