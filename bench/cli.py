@@ -215,11 +215,7 @@ def _run_all(args: argparse.Namespace) -> list[Report]:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM becomes a Ctrl-C, so every server started here is stopped. Raising KeyboardInterrupt
-    # here instead could land anywhere inside a running event loop and hang its clean-up; SIGINT
-    # gets the loop's own handling (asyncio cancels the main task) and plain KeyboardInterrupt
-    # outside one.
-    signal.raise_signal(signal.SIGINT)
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: every server started here is stopped
 
 
 def main(argv: Sequence[str] | None = None) -> None:
