@@ -1,4 +1,4 @@
-"""The EXAMPLES.md chess game, number for number, through the core and the wire form."""
+"""A worked chess game, number for number, through the core and the wire form."""
 
 from __future__ import annotations
 
