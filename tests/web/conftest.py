@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +28,12 @@ def server(redis_url: str, database_url: str, module_prefix: str) -> Iterator[Ka
     with KairosServer(env) as srv:
         srv.wait_ready()
         yield srv
+
+
+def at_a_fresh_rate_window() -> None:
+    """Wait until at least 15 s of the current one-minute rate-limit window remain, so a test's
+    burst is counted in one window (the general limit uses fixed windows on the wall clock)."""
+    wait_for(lambda: time.time() % 60 < 45, 20, "a fresh part of the minute")
 
 
 def new_id() -> str:

@@ -14,7 +14,7 @@ from websockets.sync.client import connect
 
 from tests.audit.fake_fcm import FakeFcm, fake_fcm, service_account  # noqa: F401 (fixtures)
 from tests.servers import KairosServer, make_token, server_env
-from tests.web.conftest import bearer, chess_body, new_id, wait_for
+from tests.web.conftest import at_a_fresh_rate_window, bearer, chess_body, new_id, wait_for
 
 INT64_MAX = 2**63 - 1
 
@@ -191,6 +191,7 @@ def strict_server(redis_url: str, database_url: str, module_prefix: str) -> Iter
 
 def test_failed_authentication_counts_against_the_client_address(strict_server: KairosServer) -> None:
     forged = make_token("mallory", secret="not-the-server-secret-0123456789abcdef")
+    at_a_fresh_rate_window()
     statuses = [httpx.get(f"{strict_server.url}/v1/sessions/{new_id()}", headers=bearer(forged)).status_code
                 for _ in range(7)]
     assert statuses[:5] == [401] * 5 and statuses[5:] == [429, 429], statuses

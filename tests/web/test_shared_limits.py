@@ -3,14 +3,11 @@ Redis, one caller alternating between them, get the limit once in total (not onc
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
 from tests.servers import KairosServer, server_env
-from tests.waiting import wait_for
-from tests.web.conftest import bearer, new_id
+from tests.web.conftest import at_a_fresh_rate_window, bearer, new_id
 
 LIMIT = 6
 
@@ -22,8 +19,7 @@ def test_two_instances_allow_the_general_limit_once_in_total(
     env = server_env(redis_url, database_url, key_prefix, KAIROS_RATE_LIMIT_GENERAL=str(LIMIT))
     with KairosServer(env) as a, KairosServer(env) as b, httpx.Client(timeout=10) as http:
         headers = bearer(a.token(f"caller-{new_id()}"))
-        # all requests inside one fixed minute window (the count starts again in the next one)
-        wait_for(lambda: time.time() % 60 < 45, 20, "a fresh part of the minute")
+        at_a_fresh_rate_window()
         answers = [http.get(f"{(a, b)[i % 2].url}/v1/sessions/{new_id()}", headers=headers)
                    for i in range(LIMIT + 2)]
     assert [r.status_code for r in answers] == [404] * LIMIT + [429, 429]

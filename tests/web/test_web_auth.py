@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.servers import KairosServer, server_env
-from tests.web.conftest import bearer, chess_body, new_id
+from tests.web.conftest import at_a_fresh_rate_window, bearer, chess_body, new_id
 
 # ---------------- fixtures ----------------
 
@@ -232,6 +232,7 @@ def test_switch_limit_per_session_is_429_with_retry_after(limited: KairosServer)
 def test_general_limit_per_caller_is_429_with_headers(limited: KairosServer) -> None:
     headers = bearer(limited.token("busy-caller"))
     url = f"{limited.url}/v1/sessions/{new_id()}"
+    at_a_fresh_rate_window()
     statuses = [CLIENT.get(url, headers=headers) for _ in range(41)]
     assert [r.status_code for r in statuses[:40]] == [404] * 40
     last = statuses[40]
