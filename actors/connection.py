@@ -1,12 +1,19 @@
-"""The one place a Redis client is made: a plain server, or the master named by Redis Sentinel.
+"""The one place a Redis client is made: a plain server, the master named by Redis Sentinel, or a
+Redis Cluster.
 
     redis://host:6379/0                                  one server
     redis+sentinel://[user:password@]s1:26379,s2:26379/mymaster[/db]
+    redis+cluster://[user:password@]n1:7000,n2:7001,...  a Redis Cluster (any of its nodes)
 
 With Sentinel every connection of the pool (scripts, pub/sub, BLPOP on the inbox, the outbox
 consumers) asks the sentinels for the master whenever it (re)connects, and a connection still
 open to a demoted master is dropped on its first READONLY answer (redis-py's
 `SentinelConnectionPool`), so the whole process follows a failover by itself.
+
+With a cluster, keyed commands and scripts go through redis-py's `RedisCluster` (slot map,
+MOVED/ASK/TRYAGAIN); pub/sub goes through `pubsub_client`: one plain connection to any node (a
+classic PUBLISH reaches the subscribers of every node), moving to the next node when its node
+is gone.
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection, ConnectionPool
 from redis.asyncio.sentinel import Sentinel
 
 SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
 
 
 def sentinel_url(sentinels: list[str], master: str) -> str:
@@ -25,8 +35,25 @@ def sentinel_url(sentinels: list[str], master: str) -> str:
     return f"{SENTINEL_SCHEME}://{','.join(sentinels)}/{master}"
 
 
-def open_redis(url: str, **kwargs: Any) -> aioredis.Redis:
-    """A client for `url` (see the module docstring); `kwargs` go to every master connection."""
+def cluster_url(nodes: list[str]) -> str:
+    """The `redis+cluster://` URL for cluster node `host:port` addresses."""
+    return f"{CLUSTER_SCHEME}://{','.join(nodes)}"
+
+
+def is_cluster_url(url: str | None) -> bool:
+    return bool(url) and str(url).startswith(CLUSTER_SCHEME + "://")
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether `client` talks to a Redis Cluster (scripts then keep to one slot each)."""
+    return isinstance(client, RedisCluster)
+
+
+def open_redis(url: str, **kwargs: Any) -> Any:
+    """A client for `url` (see the module docstring); `kwargs` go to every data connection."""
+    if is_cluster_url(url):
+        nodes, options = parse_cluster_url(url)
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **{**options, **kwargs})
     if not url.startswith(SENTINEL_SCHEME + "://"):
         return aioredis.Redis.from_url(url, **kwargs)
     sentinels, master, options = parse_sentinel_url(url)
@@ -34,10 +61,66 @@ def open_redis(url: str, **kwargs: Any) -> aioredis.Redis:
     return Sentinel(sentinels, **kwargs).master_for(master, **options)
 
 
+class AnyNodeConnection(Connection):
+    """A connection to the first of `nodes` that answers, trying the next ones in turn (each
+    reconnect starts from the node that worked last): for pub/sub on a cluster."""
+
+    def __init__(self, *, nodes: list[tuple[str, int]], **kwargs: Any) -> None:
+        self.nodes = list(nodes)
+        host, port = self.nodes[0]
+        super().__init__(host=host, port=port, **kwargs)
+
+    async def _connect(self) -> None:
+        error: BaseException | None = None
+        for _ in range(len(self.nodes)):
+            try:
+                await super()._connect()
+                return
+            except (OSError, TimeoutError) as e:  # this node is gone: the next one
+                error = e
+                self.nodes.append(self.nodes.pop(0))
+                self.host, self.port = self.nodes[0]
+        assert error is not None
+        raise error
+
+
+def pubsub_client(client: Any, **kwargs: Any) -> aioredis.Redis:
+    """A plain client for pub/sub next to `client`: the same client for one server or Sentinel;
+    for a cluster, one connection to any node (classic PUBLISH is cluster-wide)."""
+    if not is_cluster(client):
+        return client
+    nodes = [(n.host, int(n.port)) for n in client.get_nodes()] or [
+        (n.host, int(n.port)) for n in client.nodes_manager.startup_nodes.values()]
+    options = {k: v for k, v in client.connection_kwargs.items()
+               if k in ("username", "password", "socket_timeout", "socket_connect_timeout", "client_name")}
+    pool = ConnectionPool(connection_class=AnyNodeConnection, nodes=nodes, **{**options, **kwargs})
+    return aioredis.Redis(connection_pool=pool)
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """(node addresses, connection options) of a `redis+cluster://` URL."""
+    parts = urlsplit(url)
+    netloc, options = _credentials(parts.netloc)
+    nodes = _addresses(netloc, "cluster node")
+    if not nodes or parts.path.strip("/"):
+        raise ValueError(f"expected {CLUSTER_SCHEME}://host:port[,host:port...], got {url!r}")
+    return nodes, options
+
+
 def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, Any]]:
     """(sentinel addresses, master name, master connection options) of a `redis+sentinel://` URL."""
     parts = urlsplit(url)
-    netloc = parts.netloc
+    netloc, options = _credentials(parts.netloc)
+    sentinels = _addresses(netloc, "sentinel")
+    path = [p for p in parts.path.split("/") if p]
+    if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError(f"expected {SENTINEL_SCHEME}://host:port[,host:port...]/master[/db], got {url!r}")
+    if len(path) == 2:
+        options["db"] = int(path[1])
+    return sentinels, unquote(path[0]), options
+
+
+def _credentials(netloc: str) -> tuple[str, dict[str, Any]]:
     options: dict[str, Any] = {}
     if "@" in netloc:
         auth, netloc = netloc.rsplit("@", 1)
@@ -46,15 +129,14 @@ def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str, dict[str, 
             options["username"] = unquote(user)
         if password:
             options["password"] = unquote(password)
-    sentinels = []
+    return netloc, options
+
+
+def _addresses(netloc: str, what: str) -> list[tuple[str, int]]:
+    out = []
     for address in filter(None, netloc.split(",")):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"sentinel address {address!r} is not host:port")
-        sentinels.append((host, int(port)))
-    path = [p for p in parts.path.split("/") if p]
-    if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
-        raise ValueError(f"expected {SENTINEL_SCHEME}://host:port[,host:port...]/master[/db], got {url!r}")
-    if len(path) == 2:
-        options["db"] = int(path[1])
-    return sentinels, unquote(path[0]), options
+            raise ValueError(f"{what} address {address!r} is not host:port")
+        out.append((host, int(port)))
+    return out

@@ -16,7 +16,7 @@ from annotated_types import Ge, Le
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from actors.connection import parse_sentinel_url, sentinel_url
+from actors.connection import cluster_url, parse_cluster_url, parse_sentinel_url, sentinel_url
 
 _HMAC_ALGS = {"HS256", "HS384", "HS512"}
 _PUBLIC_KEY_ALGS = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     # the same as KAIROS_REDIS_URL=redis+sentinel://host:port,.../master (actors/connection.py).
     redis_sentinels: Annotated[list[str], NoDecode] = []
     redis_sentinel_master: str | None = None
+    # Redis Cluster (instead of KAIROS_REDIS_URL): "host:port,..." of some of its nodes; the same as
+    # KAIROS_REDIS_URL=redis+cluster://host:port,... (docs/scaling.md).
+    redis_cluster_nodes: Annotated[list[str], NoDecode] = []
+    # Partitions of the outbox stream and the deadline index (sessions by hash); 0 = 1 on one
+    # Redis, 16 on a cluster. Fixed for a deployment's life: every instance must use the same.
+    redis_partitions: int = Field(0, ge=0, le=1024)
     # Replicas every fenced write and lease claim must reach (WAIT) before it counts: docs/runtime.md.
     redis_min_replicas_ack: int = Field(0, ge=0)
     database_url: Annotated[str | None, _platform("database_url")] = None
@@ -105,7 +111,8 @@ class Settings(BaseSettings):
         # Resolved once, here: every process and subcommand then agrees on one folder.
         return str(Path(v).expanduser().resolve() if v else default_data_dir())
 
-    @field_validator("jwt_algorithms", "trusted_proxies", "cors_origins", "redis_sentinels", mode="before")
+    @field_validator("jwt_algorithms", "trusted_proxies", "cors_origins", "redis_sentinels", "redis_cluster_nodes",
+                     mode="before")
     @classmethod
     def _split_csv(cls, v: object) -> object:
         if isinstance(v, str):
@@ -125,10 +132,12 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, v: str | None) -> str | None:
-        if v and not v.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
-            raise ValueError("must be a redis://, rediss://, unix:// or redis+sentinel:// URL")
+        if v and not v.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")):
+            raise ValueError("must be a redis://, rediss://, unix://, redis+sentinel:// or redis+cluster:// URL")
         if v and v.startswith("redis+sentinel://"):
             parse_sentinel_url(v)  # a bad one stops the start with its one-line reason
+        if v and v.startswith("redis+cluster://"):
+            parse_cluster_url(v)
         return v or None
 
     @field_validator("database_url")
@@ -155,6 +164,29 @@ class Settings(BaseSettings):
             raise ValueError("KAIROS_REDIS_SENTINELS needs KAIROS_REDIS_SENTINEL_MASTER and no KAIROS_REDIS_URL")
         self.redis_url = url
         return self
+
+    @model_validator(mode="after")
+    def _cluster_url(self) -> Settings:
+        if self.redis_cluster_nodes:
+            url = cluster_url(self.redis_cluster_nodes)
+            if self.redis_sentinels or self.redis_url not in (None, url):
+                raise ValueError("KAIROS_REDIS_CLUSTER_NODES needs no KAIROS_REDIS_URL and no KAIROS_REDIS_SENTINELS")
+            parse_cluster_url(url)
+            self.redis_url = url
+        if self.redis_cluster and self.redis_min_replicas_ack:
+            # WAIT counts the replicas of the node a connection is on: not wired for a cluster yet.
+            raise ValueError("KAIROS_REDIS_MIN_REPLICAS_ACK is not supported on a Redis Cluster yet")
+        return self
+
+    @property
+    def redis_cluster(self) -> bool:
+        """True when Redis is a cluster (KAIROS_REDIS_CLUSTER_NODES or a redis+cluster:// URL)."""
+        return bool(self.redis_url) and str(self.redis_url).startswith("redis+cluster://")
+
+    @property
+    def partitions(self) -> int:
+        """KAIROS_REDIS_PARTITIONS with its default filled in (1 on one Redis, 16 on a cluster)."""
+        return self.redis_partitions or (16 if self.redis_cluster else 1)
 
     @model_validator(mode="after")
     def _check_auth(self) -> Settings:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.connection import open_redis, parse_sentinel_url
+from actors.connection import is_cluster, open_redis, parse_cluster_url, parse_sentinel_url
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,3 +33,33 @@ def test_no_other_module_makes_its_own_redis_client() -> None:
                  if p.name != "connection.py"
                  for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bfrom_url\(", line)]
     assert offenders == []
+
+
+def test_cluster_url_names_nodes_and_credentials() -> None:
+    nodes, options = parse_cluster_url("redis+cluster://u:p%40ss@n1:7000,n2:7001")
+    assert nodes == [("n1", 7000), ("n2", 7001)] and options == {"username": "u", "password": "p@ss"}
+    assert is_cluster(open_redis("redis+cluster://n1:7000"))
+    assert not is_cluster(open_redis("redis://n1:6379/0"))
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://", "redis+cluster://n1", "redis+cluster://n1:7000/0"])
+def test_a_bad_cluster_url_is_refused_in_one_line(url: str) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        parse_cluster_url(url)
+
+
+def test_cluster_settings_compose_the_url_and_default_to_16_partitions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from web.settings import SettingsError, load
+
+    monkeypatch.delenv("KAIROS_REDIS_URL", raising=False)
+    monkeypatch.setenv("KAIROS_REDIS_CLUSTER_NODES", "n1:7000, n2:7001")
+    s = load()
+    assert s.redis_url == "redis+cluster://n1:7000,n2:7001" and s.redis_cluster and s.partitions == 16
+    monkeypatch.setenv("KAIROS_REDIS_PARTITIONS", "4")
+    assert load().partitions == 4
+    monkeypatch.setenv("KAIROS_REDIS_MIN_REPLICAS_ACK", "1")
+    with pytest.raises(SettingsError, match="not supported on a Redis Cluster"):
+        load()
+    monkeypatch.delenv("KAIROS_REDIS_CLUSTER_NODES")
+    monkeypatch.delenv("KAIROS_REDIS_PARTITIONS")
+    assert load().partitions == 1
