@@ -152,9 +152,12 @@ class Host:
         """Run `command` on the session wherever it lives; raises kairos.errors.*."""
         return await self.router.ask(session_id, command)
 
-    async def get(self, session_id: str) -> Session:
-        """The session's current (last durable) state; SessionNotFound if there is none."""
-        actor = self.local_actor(session_id)
+    async def get(self, session_id: str, *, stored: bool = False) -> Session:
+        """The session's current (last durable) state; SessionNotFound if there is none. With
+        `stored`, read the checkpoint even when a local actor holds the session: the actor's
+        copy changes only when its write's reply arrives, which can be after the write's update
+        message reached this instance's sockets."""
+        actor = None if stored else self.local_actor(session_id)
         if actor is not None and actor.state is not None:
             return actor.state
         try:

@@ -43,13 +43,19 @@ _BYTES_PER_FRAME = 1024
 
 
 class Frames:
-    """Frames to send, made once per update: their texts and, framed, their wire bytes."""
+    """Frames to send, made once per update: their texts and, framed, their wire bytes; the
+    session version they show (0: none) and whether they are a STATE_SYNC."""
 
-    __slots__ = ("texts", "data")
+    __slots__ = ("texts", "data", "version", "sync", "events")
 
-    def __init__(self, texts: list[str]) -> None:
+    def __init__(self, texts: list[str], version: int = 0, *, sync: bool = False, events: int = 0) -> None:
         self.texts = texts
         self.data = b"".join(text_frame(t.encode()) for t in texts)
+        self.version = version
+        self.sync = sync
+        # The change's TIME_WARNING / TIME_EXPIRED alone (the first `events` texts): what a socket
+        # still gets when a STATE_SYNC of this very version got to it before the update.
+        self.events = Frames(texts[:events]) if events else None
 
 
 class Socket:
@@ -69,12 +75,23 @@ class Socket:
         self.close_reason = ""
         self.closing = anyio.Event()  # someone asked to close this socket
         self.flushed = anyio.Event()  # everything queued before the close went out
+        # The newest session version sent (or held) for this socket: versions never go back.
+        self.version = 0
 
     def send(self, frames: Frames) -> bool:
         """Write (or queue) frames without waiting; False (and the socket is marked for closing
-        with 1013) when the client has let too much pile up."""
+        with 1013) when the client has let too much pile up. A state older than the one this
+        socket has (a pub/sub update overtaken by a STATE_SYNC) is skipped; so is the same
+        version again, except a STATE_SYNC and the change's warning/expiry frames."""
         if self.close_code is not None:
             return False
+        version = frames.version
+        if version > self.version:
+            self.version = version
+        elif version and not (frames.sync and version == self.version):
+            if version < self.version or frames.events is None:
+                return True
+            frames = frames.events
         raw = self.raw
         if self.held is not None:
             if len(self.held) >= self.limit // _BYTES_PER_FRAME:
@@ -161,7 +178,8 @@ class Relay:
             return
         metrics.WS_MESSAGES.labels("out", "STATE_UPDATE").inc(len(self.sockets))
         self.version = max(self.version, version)
-        self.send(Frames(texts))
+        # a deletion always goes out; an update's extra frames precede its STATE_UPDATE
+        self.send(Frames(texts) if deleted else Frames(texts, version, events=len(texts) - 1))
         if deleted:
             for sock in self.sockets:
                 sock.close(1000, "Session deleted")
@@ -254,7 +272,8 @@ class Relays:
                     return
                 if state.version < relay.version:
                     return  # a newer update arrived since the resubscribe: nothing was missed
-                relay.send(Frames([state_sync_frame(sid, state, self.svc.clock())]))
+                # each socket skips it if it already has a newer version (Socket.send)
+                relay.send(Frames([state_sync_frame(sid, state, self.svc.clock())], state.version, sync=True))
 
         async with anyio.create_task_group() as tg:
             for sid in session_ids:
@@ -403,7 +422,7 @@ async def _receiver(svc: Services, sid: str, caller: A.Caller, sock: Socket) -> 
                 pong["server_send_ms"] = svc.clock()
                 await websocket.send(_dumps(pong))
             elif kind == "RECONNECT":
-                await _state_sync(svc, sid, caller)
+                await _state_sync(svc, sid, caller, sock)
             elif kind in _COMMANDS:
                 await websocket.send(await _command(svc, sid, caller, kind, msg))
             elif (request_id := _request_id(msg)) is not None:
@@ -414,14 +433,24 @@ async def _receiver(svc: Services, sid: str, caller: A.Caller, sock: Socket) -> 
         sock.close(1000, "", flush=False)
 
 
-async def _state_sync(svc: Services, sid: str, caller: A.Caller) -> None:
+async def _state_sync(svc: Services, sid: str, caller: A.Caller, sock: Socket) -> None:
+    """Answer RECONNECT: a STATE_SYNC of the current state, written in line with the relayed
+    updates (no await between the version check and the write)."""
     try:
         state = await svc.host.get(sid)
+        if state.version < sock.version:
+            # An update newer than this owner's copy already reached the socket: the stored
+            # checkpoint has it (it is written before its update is published).
+            state = await svc.host.get(sid, stored=True)
         A.require_read(caller, state)
     except Exception as exc:
         await websocket.send(W.ws_error_frame(W.as_kairos_error(exc)))
         return
-    await websocket.send(state_sync_frame(sid, state, svc.clock()))
+    if state.version < sock.version:
+        # Only a store that lost acknowledged writes answers older: follow it, or this socket
+        # would skip every update until the session passes the version it had.
+        sock.version = state.version
+    sock.send(Frames([state_sync_frame(sid, state, svc.clock())], state.version, sync=True))
 
 
 def _request_id(msg: dict[str, Any]) -> str | None:

@@ -226,3 +226,71 @@ def test_resync_sends_the_current_state_unless_a_newer_update_already_went_out()
     relay.version = 2  # an update newer than the state read arrived after the resubscribe
     anyio.run(relays.resync, [state.session_id])
     assert len(sent) == 1
+
+
+def test_a_socket_never_gets_a_version_it_already_has_except_a_sync_and_the_changes_alerts() -> None:
+    import anyio
+
+    sock = Socket(20)  # the queued path: what was sent is readable from the stream
+
+    def sent() -> list[tuple[str, int | None]]:
+        out = []
+        assert sock.recv_stream is not None
+        while True:
+            try:
+                f = json.loads(sock.recv_stream.receive_nowait())
+            except anyio.WouldBlock:
+                return out
+            out.append((f["type"], (f.get("state") or {}).get("version")))
+
+    def update(version: int, *alerts: str) -> Frames:
+        texts = [json.dumps({"type": t, "state": {"version": version}}) for t in (*alerts, "STATE_UPDATE")]
+        return Frames(texts, version, events=len(alerts))
+
+    def sync(version: int) -> Frames:
+        return Frames([json.dumps({"type": "STATE_SYNC", "state": {"version": version}})], version, sync=True)
+
+    assert sock.send(update(3)) and sock.send(sync(5))
+    assert sock.send(update(4)) and sock.send(update(5))  # overtaken by the STATE_SYNC: skipped
+    assert sent() == [("STATE_UPDATE", 3), ("STATE_SYNC", 5)]
+    # the change the STATE_SYNC showed still tells its expiry; an older one tells nothing
+    assert sock.send(update(5, "TIME_EXPIRED")) and sock.send(update(4, "TIME_WARNING"))
+    assert sent() == [("TIME_EXPIRED", 5)]
+    assert sock.send(sync(5)) and sock.send(sync(4))  # RECONNECT answered again: same state is fine
+    assert sent() == [("STATE_SYNC", 5)]
+    assert sock.send(update(6)) and sock.send(Frames([json.dumps({"type": "SESSION_DELETED"})]))
+    assert sent() == [("STATE_UPDATE", 6), ("SESSION_DELETED", None)]
+    assert sock.version == 6
+
+
+def test_reconnect_answer_reads_the_checkpoint_when_the_socket_is_ahead_of_the_owners_copy() -> None:
+    """The owner's in-memory state changes when its write's reply arrives; the write's update
+    can reach this instance's sockets first. RECONNECT then answers from the checkpoint."""
+    import dataclasses
+
+    import anyio
+
+    from kairos import apply
+    from tests.core.helpers import T0, make_create
+    from web import ws as W
+
+    old = apply(None, make_create(), T0).state  # version 1
+    new = dataclasses.replace(old, version=2)
+    reads: list[bool] = []
+
+    class Host:
+        async def get(self, sid: str, *, stored: bool = False) -> object:
+            reads.append(stored)
+            return new if stored else old
+
+    class Svc:
+        host = Host()
+        clock = staticmethod(lambda: T0)
+
+    sock = Socket(20)
+    sock.version = 2  # the update of version 2 went out already
+    anyio.run(W._state_sync, Svc(), old.session_id, W.A.ANONYMOUS_ADMIN, sock)
+    assert reads == [False, True]
+    assert sock.recv_stream is not None
+    frame = json.loads(sock.recv_stream.receive_nowait())
+    assert (frame["type"], frame["state"]["version"]) == ("STATE_SYNC", 2)
