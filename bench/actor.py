@@ -5,15 +5,24 @@ a local actor (sequential, and 64 sessions concurrently), a forwarded `ask()` (a
 the session), and Redis commands per local command (counted client-side). The ratios are also
 measured with raw writes and asks taking turns: on a shared machine that is the fair comparison.
 Targets (issue 3): local p50 <= 1.5x raw p50; forwarded p50 <= 4x raw p50; 1 round trip/command.
+
+With --masters 1,2,3: one host per Redis size started here (1 master: a standalone server; more:
+a Redis Cluster), each with 64 running sessions: sequential local asks, then 64 sessions asking
+concurrently, the sizes taking turns over --rounds; asks/s in total and per master, and the
+ratio to the first size.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack, ExitStack
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -24,7 +33,7 @@ from actors.keys import Keys, Scripts
 from bench.report import BenchError, Report
 from bench.servers import stores
 from bench.stats import quantile
-from bench.target import add_store_arguments
+from bench.target import add_masters_argument, add_store_arguments, masters_sizes
 from kairos import codec, rules, wire
 from kairos.commands import Create, ParticipantSpec, Start, Switch
 
@@ -212,12 +221,89 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", type=int, default=2000, help="samples per measurement")
     p.add_argument("--uvloop", action="store_true", help="run on uvloop (as the server does)")
     add_store_arguments(p)
+    add_masters_argument(p)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """-n must be positive; --masters must name sizes."""
+    if args.n < 1:
+        raise BenchError("-n must be positive")
+    masters_sizes(args)
+
+
+async def _run_masters(args: argparse.Namespace, report: Report, urls: dict[int, str]) -> None:
+    from actors.connection import open_redis
+
+    prefix = f"bench:{uuid.uuid4().hex[:8]}:"
+    base = f"{next(iter(urls))}m"
+    async with AsyncExitStack() as stack:
+        hosts: dict[int, Host] = {}
+        sids: dict[int, list[str]] = {}
+        for n, url in urls.items():
+            client = open_redis(url)
+            stack.push_async_callback(client.aclose)
+            hosts[n] = await stack.enter_async_context(Host(client, key_prefix=prefix, switch_rate_per_s=0))
+            sids[n] = [str(uuid.uuid4()) for _ in range(64)]
+            for s in sids[n]:
+                await hosts[n].ask(s, _create(s))
+                await hosts[n].ask(s, Start())
+        for n, host in hosts.items():
+            report.step(f"{n}m local ask: {args.n} sequential")
+            for i in range(100):  # warm up
+                await host.ask(sids[n][i % 64], Switch())
+            seq = []
+            for i in range(args.n):
+                t = time.perf_counter()
+                await host.ask(sids[n][i % 64], Switch())
+                seq.append(time.perf_counter() - t)
+            report.latency(f"{n}m_local", _ms(seq), f"{n}m local ask, sequential", baseline=f"{base}_local")
+        conc: dict[int, list[float]] = {n: [] for n in urls}
+        took = dict.fromkeys(urls, 0.0)
+        per_session = max(1, args.n // 64 // args.rounds)
+
+        async def loop(host: Host, s: str, out: list[float]) -> None:
+            for _ in range(per_session):
+                t = time.perf_counter()
+                await host.ask(s, Switch())
+                out.append(time.perf_counter() - t)
+
+        for r in range(args.rounds):
+            for n, host in hosts.items():
+                report.step(f"{n}m local ask, round {r + 1}/{args.rounds}: 64 sessions concurrently")
+                t0 = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for s in sids[n]:
+                        tg.start_soon(loop, host, s, conc[n])
+                took[n] += time.perf_counter() - t0
+        for n in urls:
+            report.latency(f"{n}m_local_concurrent", _ms(conc[n]), f"{n}m local ask, 64 sessions concurrent",
+                           baseline=f"{n}m_local")
+        for n in urls:
+            rate = len(conc[n]) / took[n]
+            report.value(f"{n}m_asks_per_s", rate, "/s", f"local asks/s, 64 sessions, {n} master(s)",
+                         baseline=f"{base}_asks_per_s")
+            report.value(f"{n}m_asks_per_s_per_master", rate / n, "/s", f"local asks/s per master, {n} master(s)",
+                         baseline=f"{base}_asks_per_s_per_master")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    report.note(f"ratios are to {base}; load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores")
 
 
 def run(args: argparse.Namespace, report: Report) -> None:
-    """Measure against the Redis of --redis-url (or an embedded one)."""
-    if args.n < 1:
-        raise BenchError("-n must be positive")
+    """Measure against the Redis of --redis-url (or an embedded one), or of each --masters size."""
+    check_arguments(args)
+    if sizes := masters_sizes(args):
+        from bench.redis_topology import masters
+
+        with ExitStack() as stack:
+            urls = {}
+            for n in sizes:
+                report.step(f"starting {n} Redis master{'s' if n > 1 else ''}")
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"kairos-bench-{n}m-")))
+                urls[n] = stack.enter_context(masters(folder, n))
+            report.redis_url = urls[sizes[0]]
+            anyio.run(_run_masters, args, report, urls, backend="asyncio",
+                      backend_options={"use_uvloop": args.uvloop})
+        return
     with stores(args.redis_url, None, database=False) as (url, _):
         report.redis_url = url
         anyio.run(_run, args, report, url, backend="asyncio",

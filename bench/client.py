@@ -85,6 +85,8 @@ class RawRedis:
     async def open(self) -> RawRedis:
         """Connect (redis://host:port or unix:///path); no AUTH/SELECT needed for PING."""
         u = urlsplit(self.url)
+        if u.scheme == "redis+cluster":  # one node's round trip: the first one named
+            u = urlsplit("redis://" + u.netloc.split(",")[0])
         if u.scheme == "unix":
             self.reader, self.writer = await asyncio.open_unix_connection(u.path)
         else:

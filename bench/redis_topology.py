@@ -25,7 +25,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -193,6 +194,26 @@ def free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+def aof_args(appendfsync: str | None) -> list[str]:
+    """redis-server options for an AOF fsynced `always`/`everysec`/`no`, or none (None)."""
+    return ["--appendonly", "no"] if appendfsync is None else ["--appendonly", "yes", "--appendfsync", appendfsync]
+
+
+@contextmanager
+def masters(folder: Path, n: int, *, appendfsync: str | None = "everysec") -> Iterator[str]:
+    """The URL of `n` Redis masters started here: one standalone server for 1, a cluster of `n`
+    masters otherwise; same binary and persistence, so the two compare (the bench's --masters)."""
+    if n == 1:
+        node = Node(folder, *aof_args(appendfsync), binary=cluster_redis_server())
+        try:
+            yield node.url
+        finally:
+            node.stop()
+        return
+    with Clustered(folder, masters=n, appendfsync=appendfsync) as cluster:
+        yield cluster.url
+
+
 def slot_of(key: bytes | str) -> int:
     """The hash slot of `key` (hash tags respected), as the cluster computes it."""
     return int(key_slot(key.encode() if isinstance(key, str) else key))
@@ -209,16 +230,16 @@ def tag_for_slot(slot: int) -> str:
 class Clustered:
     """A Redis Cluster of `masters` masters with `replicas` replicas each, every slot assigned.
 
-    Nodes run with AOF `always` when `durable` (a test's default: an acknowledged write survives
-    a node restart) and `cluster-node-timeout` CLUSTER_NODE_TIMEOUT_MS (fast failover)."""
+    Nodes keep an AOF fsynced as `appendfsync` says (`always` by default: an acknowledged write
+    survives a node restart; None: no AOF) and fail over after `node_timeout_ms`."""
 
-    def __init__(self, folder: Path, *, masters: int = 3, replicas: int = 0, durable: bool = True,
+    def __init__(self, folder: Path, *, masters: int = 3, replicas: int = 0, appendfsync: str | None = "always",
                  node_timeout_ms: int = CLUSTER_NODE_TIMEOUT_MS) -> None:
         if masters < 1 or replicas < 0:
             raise ValueError("a cluster needs at least one master")
         self.folder = folder
         self.n_masters, self.n_replicas = masters, replicas
-        self.durable = durable
+        self.appendfsync = appendfsync
         self.node_timeout_ms = node_timeout_ms
         self.binary = cluster_redis_server()
         self.masters: list[Node] = []
@@ -227,11 +248,10 @@ class Clustered:
         self.killed: set[int] = set()  # ports of nodes SIGKILLed by kill()
 
     def _node(self) -> Node:
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         node = Node(self.folder, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                     "--cluster-node-timeout", str(self.node_timeout_ms),
                     # a replica always promotes, however long it was cut off (tests kill masters)
-                    "--cluster-replica-validity-factor", "0", *persistence,
+                    "--cluster-replica-validity-factor", "0", *aof_args(self.appendfsync),
                     binary=self.binary, port=free_cluster_port())
         self.ids[node.port] = node.client.execute_command("CLUSTER", "MYID").decode()
         return node
@@ -278,6 +298,11 @@ class Clustered:
     def nodes_setting(self) -> str:
         """`host:port,...` of the masters started (KAIROS_REDIS_CLUSTER_NODES)."""
         return ",".join(f"127.0.0.1:{m.port}" for m in self.masters)
+
+    @property
+    def url(self) -> str:
+        """The `redis+cluster://` URL of the masters started (KAIROS_REDIS_URL)."""
+        return f"redis+cluster://{self.nodes_setting}"
 
     def node_id(self, node: Node) -> str:
         return self.ids[node.port]

@@ -233,6 +233,16 @@ def drop_keys(redis_url: str, prefix: str) -> int:
     """Delete every key under `prefix` (what a run's own server left in a shared Redis); how many."""
     import redis
 
+    from actors.connection import is_cluster_url, parse_cluster_url
+
+    if is_cluster_url(redis_url):  # every master scanned, each key deleted on its own slot's node
+        nodes, options = parse_cluster_url(redis_url)
+        cluster = redis.RedisCluster(startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes], **options)
+        try:
+            keys = list(cluster.scan_iter(match=f"{prefix}*", count=1000))
+            return sum(cluster.unlink(k) for k in keys)
+        finally:
+            cluster.close()
     client = redis.Redis.from_url(redis_url)
     try:
         n = 0

@@ -8,6 +8,10 @@
 3. WebSocket SWITCH -> ACK round trip, next to PING -> PONG on the same socket (Kairos' WebSocket
    commands; --no-ws skips it for servers without them).
 
+With --masters 1,2,3: one Kairos on each Redis size started here (1 master: a standalone server;
+more: a Redis Cluster), phases 1 and 2 on each, the concurrent phase taking turns over --rounds:
+switches/s in total and per master, and the ratio to the first size.
+
 Rate limits of a server started here are off; a --url server should run without them.
 """
 
@@ -16,14 +20,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import tempfile
 import time
 from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from bench.client import RawHttp, RawRedis, check_errors, start_session
 from bench.report import BenchError, Report
-from bench.servers import process_cpu_s
-from bench.target import Target, add_target_arguments, check_target_arguments, kairos
+from bench.servers import process_cpu_s, stores
+from bench.target import (
+    Target,
+    add_masters_argument,
+    add_target_arguments,
+    check_target_arguments,
+    kairos,
+    masters_sizes,
+)
 
 QUICK: dict[str, Any] = {"n": 200, "seconds": 1.0}
 
@@ -37,11 +52,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connections", type=int, default=16, help="connections in the concurrent phase")
     p.add_argument("--no-ws", action="store_true", help="skip the WebSocket phase")
     add_target_arguments(p)
+    add_masters_argument(p)
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Sizes must be positive; target options must agree."""
     check_target_arguments(args)
+    masters_sizes(args)
     if min(args.n, args.sessions, args.connections, args.max_requests) < 1 or args.seconds <= 0:
         raise BenchError("-n, --seconds, --max-requests, --sessions and --connections must be positive")
 
@@ -174,6 +191,9 @@ def run(args: argparse.Namespace, report: Report) -> None:
         uvloop.install()  # the client's own overhead counts in every sample: keep it small
     except ImportError:
         pass
+    if masters_sizes(args):
+        _run_masters(args, report)
+        return
     with kairos(args, report) as target:
         report.step(f"sequential: {args.n} rounds of switch / GET / health / Redis PING")
         record_sequential(report, asyncio.run(sequential(target, args.n)))
@@ -194,6 +214,54 @@ def run(args: argparse.Namespace, report: Report) -> None:
             report.latency("ws_ping", ws["ws_ping"], "WebSocket PING -> PONG (baseline)")
             report.latency("ws_switch", ws["ws_switch"], "WebSocket SWITCH -> ACK", baseline="ws_ping")
     _targets(report)
+
+
+def _run_masters(args: argparse.Namespace, report: Report) -> None:
+    """Phases 1 and 2 against one Kairos per Redis size of --masters (all up at once, so the
+    concurrent phase can take turns: every size sees the same machine load)."""
+    from bench.redis_topology import masters
+
+    sizes = masters_sizes(args)
+    with ExitStack() as stack:
+        urls = {}
+        for n in sizes:
+            report.step(f"starting {n} Redis master{'s' if n > 1 else ''}")
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"kairos-bench-{n}m-")))
+            urls[n] = stack.enter_context(masters(folder, n))
+        _, database_url = stack.enter_context(stores(urls[sizes[0]], args.database_url))
+        targets = {n: stack.enter_context(kairos(args, report, label=f"{n}m", redis_url=urls[n],
+                                                 database_url=database_url)) for n in sizes}
+        base = f"{sizes[0]}m"
+        for n, target in targets.items():
+            report.step(f"{n}m sequential: {args.n} rounds of switch / GET / health / Redis PING")
+            record_sequential(report, asyncio.run(sequential(target, args.n)), f"{n}m_", f"{n}m ")
+        sids = {n: asyncio.run(start_sessions(t, args.sessions)) for n, t in targets.items()}
+        lat: dict[int, list[float]] = {n: [] for n in sizes}
+        took = dict.fromkeys(sizes, 0.0)
+        cpu = dict.fromkeys(sizes, 0.0)
+        for r in range(args.rounds):
+            for n, target in targets.items():
+                report.step(f"concurrent, round {r + 1}/{args.rounds}, {n}m: {args.sessions} sessions x "
+                            f"{args.connections} connections, {args.seconds / args.rounds:g} s")
+                got, elapsed, used = asyncio.run(concurrent(target, sids[n], args.connections,
+                                                            args.seconds / args.rounds, args.max_requests))
+                lat[n] += got
+                took[n] += elapsed
+                cpu[n] += used
+        for n in sizes:
+            report.latency(f"{n}m_switch_concurrent", lat[n], f"{n}m POST switch, {args.connections} connections",
+                           baseline=f"{n}m_health")
+        for n in sizes:
+            rate = len(lat[n]) / took[n]
+            report.value(f"{n}m_switches_per_s", rate, "/s", f"switches/s on {n} master(s)",
+                         baseline=f"{base}_switches_per_s")
+            report.value(f"{n}m_switches_per_s_per_master", rate / n, "/s", f"switches/s per master, {n} master(s)",
+                         baseline=f"{base}_switches_per_s_per_master")
+            if lat[n]:
+                report.value(f"{n}m_server_cpu_ms_per_switch", cpu[n] * 1000 / len(lat[n]), "ms",
+                             f"server CPU per switch, {n} master(s)", baseline=f"{base}_server_cpu_ms_per_switch")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    report.note(f"ratios are to {base}; load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores")
 
 
 def _targets(report: Report) -> None:

@@ -55,6 +55,34 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
     add_store_arguments(p)
 
 
+def add_masters_argument(p: argparse.ArgumentParser) -> None:
+    """--masters N,N,... and --rounds: the same workload on Redis topologies started here."""
+    p.add_argument("--masters", default=None, metavar="N,N,...",
+                   help="compare Redis sizes: for each N, N masters started here (1: one standalone "
+                        "redis-server, more: a Redis Cluster; same binary and AOF everysec) and the "
+                        "throughput phase run on each, taking turns; reports throughput per master and "
+                        "the ratio to the first size")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="with --masters: turns each size gets (the phase's length is split over them)")
+
+
+def masters_sizes(args: argparse.Namespace) -> list[int]:
+    """The sizes of --masters (empty without it), or a one-line BenchError."""
+    if not getattr(args, "masters", None):
+        return []
+    try:
+        sizes = [int(x) for x in args.masters.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise BenchError(f"--masters takes distinct sizes like 1,2,3, got {args.masters!r}")
+    if getattr(args, "redis_url", None) or getattr(args, "url", None):
+        raise BenchError("--masters starts its own Redis servers: no --redis-url or --url with it")
+    if args.rounds < 1:
+        raise BenchError("--rounds must be at least 1")
+    return sizes
+
+
 def check_target_arguments(args: argparse.Namespace) -> None:
     """One-line errors for contradictory target options (before anything starts)."""
     if args.url is None and (args.token or args.no_auth or args.pid):
@@ -78,9 +106,10 @@ def check_url(url: str) -> str:
 @contextmanager
 def kairos(args: argparse.Namespace, report: Report, *, label: str = "A", workers: int | None = None,
            url: str | None = None, token: str | None = None, pid: int | None = None,
-           **env: str) -> Iterator[Target]:
+           redis_url: str | None = None, database_url: str | None = None, **env: str) -> Iterator[Target]:
     """The target of a workload: `url` (default `args.url`) as given, else a Kairos started here
-    with rate limits off (plus `env`), stopped when the block exits."""
+    on `redis_url`/`database_url` (default: the arguments' stores) with rate limits off (plus
+    `env`), stopped when the block exits."""
     url = url if url is not None else getattr(args, "url", None)
     if url:
         token = token if token is not None else (None if getattr(args, "no_auth", False) else args.token)
@@ -90,7 +119,7 @@ def kairos(args: argparse.Namespace, report: Report, *, label: str = "A", worker
             report.redis_url = target.redis_url
         yield target
         return
-    with stores(args.redis_url, args.database_url) as (redis_url, database_url):
+    with stores(redis_url or args.redis_url, database_url or args.database_url) as (redis_url, database_url):
         report.redis_url, report.database_url = redis_url, database_url
         secret = secrets.token_hex(32)
         prefix = f"bench:{uuid.uuid4().hex[:8]}:"
