@@ -37,6 +37,7 @@ class FanOut:
         self._on_gap = on_gap
         self._keys = Keys(key_prefix)
         self._watchers: dict[str, set[Watcher]] = {}
+        self._subscribed: set[str] = set()  # sessions whose SUBSCRIBE went out (and was recorded)
         self._by_channel: dict[bytes, str] = {}
         self._pubsub: aioredis.client.PubSub | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -65,18 +66,21 @@ class FanOut:
         return len(self._watchers)
 
     async def watch(self, session_id: str, watcher: Watcher) -> None:
-        """Relay the session's update messages to `watcher`; subscribes on the first watcher."""
-        watchers = self._watchers.get(session_id)
-        if watchers is not None:
-            watchers.add(watcher)
+        """Relay the session's update messages to `watcher`; returns once the session's channel
+        is subscribed (the first call subscribes; a call while that is under way waits for it,
+        and subscribes itself if it was cut short). After a failure, `unwatch` the watcher."""
+        watchers = self._watchers.setdefault(session_id, set())
+        watchers.add(watcher)
+        if session_id in self._subscribed:
             return
-        self._watchers[session_id] = {watcher}
         channel = self._keys.channel(session_id)
         self._by_channel[channel.encode()] = session_id
         async with self._lock:
             assert self._pubsub is not None
-            if session_id in self._watchers:  # a fast unwatch may have raced us
+            # a fast unwatch may have raced us; another call may have subscribed meanwhile
+            if session_id in self._watchers and session_id not in self._subscribed:
                 await self._pubsub.subscribe(channel)
+                self._subscribed.add(session_id)
                 if not self._ready.is_set():
                     # redis-py calls this on every later reconnect of the pub/sub connection,
                     # after its own callback has resubscribed the channels.
@@ -98,6 +102,7 @@ class FanOut:
             assert self._pubsub is not None
             if session_id not in self._watchers:
                 self._by_channel.pop(channel.encode(), None)
+                self._subscribed.discard(session_id)
                 await self._pubsub.unsubscribe(channel)
 
     def _reconnected(self, _connection: object) -> None:

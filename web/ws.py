@@ -226,7 +226,7 @@ class Relays:
         self._joins = 0
 
     async def join(self, session_id: str, sock: Socket) -> None:
-        """Add a socket to its session's relay (subscribes the first one)."""
+        """Add a socket to its session's relay; returns once the session is subscribed."""
         self.sockets.add(sock)
         self._joins += 1
         if self._joins % _FREEZE_EVERY == 0:
@@ -236,10 +236,10 @@ class Relays:
         relay = self.relays.get(session_id)
         if relay is None:
             relay = self.relays[session_id] = Relay(session_id)
-            relay.sockets.add(sock)
-            await self.svc.fanout.watch(session_id, relay)
-        else:
-            relay.sockets.add(sock)
+        relay.sockets.add(sock)
+        # Every joiner waits for the subscription (at once when it is there): the first
+        # joiner's may still be under way, or have been cut short when its client went away.
+        await self.svc.fanout.watch(session_id, relay)
 
     async def leave(self, session_id: str, sock: Socket) -> None:
         """Remove a socket (unsubscribes after the last one)."""

@@ -86,3 +86,57 @@ async def test_a_dropped_pubsub_connection_resubscribes_and_reports_the_gap(
     finally:
         await client.aclose()
         await watcher.aclose()
+
+
+async def test_a_socket_that_joined_while_its_sessions_first_subscribe_was_cut_still_gets_updates(
+    redis_url: str, key_prefix: str
+) -> None:
+    """A second socket joined while the first one's SUBSCRIBE waited (another session's was on the
+    wire); the first client went away before its SUBSCRIBE was sent. The second must still end up
+    subscribed (it used to stay registered with no subscription: a silent stale socket)."""
+    from types import SimpleNamespace
+
+    import anyio
+
+    from kairos import apply, wire
+    from tests.core.helpers import T0, make_create
+    from web.ws import Relays, Socket
+
+    state = apply(None, make_create(), T0).state
+    sid = state.session_id
+    channel = Keys(key_prefix).channel(sid)
+    client = aioredis.from_url(redis_url)
+    try:
+        async with FanOut(client, key_prefix=key_prefix) as fanout, anyio.create_task_group() as tg:
+            relays = Relays(SimpleNamespace(fanout=fanout))  # type: ignore[arg-type]
+            first, second = Socket(8), Socket(8)
+            await fanout._lock.acquire()  # another session's (un)subscribe is on the wire
+            cut = anyio.CancelScope()
+            joined = anyio.Event()
+
+            async def join_first() -> None:
+                with cut:
+                    await relays.join(sid, first)
+
+            async def join_second() -> None:
+                await relays.join(sid, second)
+                joined.set()
+
+            tg.start_soon(join_first)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(join_second)
+            await anyio.wait_all_tasks_blocked()
+            cut.cancel()  # the first client went away while its join waited
+            await anyio.wait_all_tasks_blocked()
+            await relays.leave(sid, first)  # as the endpoint does on the way out
+            fanout._lock.release()
+            with anyio.fail_after(5):
+                await joined.wait()
+            await eventually(lambda: subscribed(client, channel, 1), within=5, what="the session subscribed")
+            await client.publish(channel, wire.update_message(state, [], T0, sid))
+            assert second.recv_stream is not None
+            with anyio.fail_after(5):
+                frame = await second.recv_stream.receive()
+            assert '"STATE_UPDATE"' in frame
+    finally:
+        await client.aclose()
