@@ -136,7 +136,7 @@ def create_app(settings: Settings) -> Quart:
     hygiene.install(app)
     register_routes(app)
     app.register_blueprint(apidocs.bp)
-    register_ws(app, svc)
+    app.extensions["kairos.ws"] = register_ws(app, svc)  # served by web.hypercorn_ws
 
     @app.while_serving
     async def lifespan() -> Any:
@@ -186,6 +186,8 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
     tg = await stack.enter_async_context(anyio.create_task_group())
     svc.task_group = tg
     tg.start_soon(metrics.watch_loop_lag)
+    assert svc.relays is not None
+    tg.start_soon(svc.relays.heartbeat, s.ws_heartbeat_s)
     stack.callback(tg.cancel_scope.cancel)
     clock = svc.clock
     try:  # measured before the host starts, so it claims sessions from the start

@@ -180,9 +180,9 @@ async def _serve(settings: Settings, fd: int | None) -> None:
     from web import hygiene, hypercorn_ws
     from web.app import create_app
 
-    hypercorn_ws.apply()
     hygiene.patch_hypercorn()
     app = create_app(settings)
+    hypercorn_ws.apply(app.extensions["kairos.ws"])  # /ws over HTTP/1.1 served without ASGI
     svc = app.extensions["kairos"]
     set_instance(svc.instance_id)
     config = Config()

@@ -14,7 +14,9 @@ import gc
 import json
 import re
 import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import anyio
 import structlog
@@ -26,7 +28,7 @@ from kairos.errors import KairosError, RateLimited, SessionNotFound, UnknownComm
 from web import auth as A
 from web import errors as W
 from web import metrics
-from web.hypercorn_ws import RawSocket, text_frame
+from web.hypercorn_ws import RawWS, text_frame
 from web.schemas import UUID_PATTERN, unstorable
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ log = structlog.get_logger("kairos.ws")
 _UUID = re.compile(UUID_PATTERN)
 _COMMANDS = {"SWITCH", "PAUSE", "RESUME", "START", "COMPLETE", "CANCEL"}
 _FREEZE_EVERY = 1000  # socket joins between two gc.freeze() calls
+_HEARTBEAT_SLOTS = 50  # sockets are pinged in this many groups spread over the interval
 # KAIROS_WS_SEND_QUEUE counts frames; unsent bytes are what a transport can measure, so the bound
 # is that many frames of this size (256 KB by default, on top of what the kernel buffers).
 _BYTES_PER_FRAME = 1024
@@ -59,22 +62,29 @@ class Frames:
 
 
 class Socket:
-    """One connected client: frames are written straight to its transport (`RawSocket`), or —
-    when it has none (an HTTP/2 WebSocket) — queued for a sender task; closable from elsewhere."""
+    """One connected client: frames are written straight to its connection (`RawWS`), or — when
+    it has none (an HTTP/2 WebSocket) — queued for a sender task; closable from elsewhere."""
 
-    def __init__(self, queue_size: int, raw: RawSocket | None = None) -> None:
+    __slots__ = ("raw", "limit", "held", "queue", "recv_stream", "close_code", "close_reason",
+                 "closing", "flushed", "sid", "caller", "peer", "slot", "version")
+
+    def __init__(self, queue_size: int, raw: RawWS | None = None, *, sid: str = "",
+                 caller: A.Caller = A.ANONYMOUS_ADMIN, peer: str = "") -> None:
         self.raw = raw
+        self.sid, self.caller, self.peer = sid, caller, peer
+        self.slot = 0  # heartbeat slot (Relays)
         self.limit = queue_size * _BYTES_PER_FRAME
         # Frames that arrive between the subscription and the CONNECTED frame wait here.
         self.held: list[bytes] | None = [] if raw is not None else None
         self.queue: anyio.abc.ObjectSendStream[str] | None = None
         self.recv_stream: anyio.abc.ObjectReceiveStream[str] | None = None
+        self.closing: anyio.Event | None = None  # someone asked to close this socket
+        self.flushed: anyio.Event | None = None  # everything queued before the close went out
         if raw is None:
             self.queue, self.recv_stream = anyio.create_memory_object_stream[str](queue_size)
+            self.closing, self.flushed = anyio.Event(), anyio.Event()
         self.close_code: int | None = None
         self.close_reason = ""
-        self.closing = anyio.Event()  # someone asked to close this socket
-        self.flushed = anyio.Event()  # everything queued before the close went out
         # The newest session version sent (or held) for this socket: versions never go back.
         self.version = 0
 
@@ -115,6 +125,14 @@ class Socket:
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             return False
 
+    def reply(self, text: str) -> None:
+        """Send one frame to this client only (an answer to what it sent)."""
+        if self.raw is not None:
+            if self.raw.writable():
+                self.raw.write(text_frame(text.encode()))
+        else:
+            self.send(Frames([text]))
+
     def connected(self) -> None:
         """CONNECTED has been written: from now on frames go straight out (held ones first)."""
         held, self.held = self.held, None
@@ -130,10 +148,13 @@ class Socket:
         """Ask to close; with `flush` the frames already queued (e.g. SESSION_DELETED) go first."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-        if self.queue is not None:
-            self.queue.close()
-        if self.raw is not None or not flush:
-            self.flushed.set()  # raw writes are in the transport already
+        if self.raw is not None:
+            self.raw.close(code, reason)  # after what was written: it is in the transport already
+            return
+        assert self.queue is not None and self.closing is not None and self.flushed is not None
+        self.queue.close()
+        if not flush:
+            self.flushed.set()
         self.closing.set()
 
 
@@ -141,9 +162,10 @@ class GatedSocket(Socket):
     """A socket opened before its session existed: its frames flow once the first state shows
     that the caller may read the session; otherwise it is closed with 1008 "Forbidden"."""
 
-    def __init__(self, queue_size: int, caller: A.Caller, raw: RawSocket | None = None) -> None:
-        super().__init__(queue_size, raw)
-        self.caller = caller
+    __slots__ = ("allowed",)
+
+    def __init__(self, queue_size: int, raw: RawWS | None = None, **kw: Any) -> None:
+        super().__init__(queue_size, raw, **kw)
         self.allowed = False
 
     def send(self, frames: Frames) -> bool:
@@ -223,12 +245,15 @@ class Relays:
         self.svc = svc
         self.relays: dict[str, Relay] = {}
         self.sockets: set[Socket] = set()
+        self._slots: list[set[Socket]] = [set() for _ in range(_HEARTBEAT_SLOTS)]
         self._joins = 0
 
     async def join(self, session_id: str, sock: Socket) -> None:
         """Add a socket to its session's relay; returns once the session is subscribed."""
         self.sockets.add(sock)
         self._joins += 1
+        sock.slot = self._joins % _HEARTBEAT_SLOTS
+        self._slots[sock.slot].add(sock)
         if self._joins % _FREEZE_EVERY == 0:
             # With thousands of sockets a full collection paused us 0.5-1.3 s; moving the settled
             # connection objects out of the collected generations keeps pauses short.
@@ -244,6 +269,7 @@ class Relays:
     async def leave(self, session_id: str, sock: Socket) -> None:
         """Remove a socket (unsubscribes after the last one)."""
         self.sockets.discard(sock)
+        self._slots[sock.slot].discard(sock)
         relay = self.relays.get(session_id)
         if relay is None:
             return
@@ -251,6 +277,17 @@ class Relays:
         if not relay.sockets:
             del self.relays[session_id]
             await self.svc.fanout.unwatch(session_id, relay)
+
+    async def heartbeat(self, interval_s: float) -> None:
+        """Ping every socket once per interval (and drop those that did not answer the last
+        ping), one slot of sockets at a time so that no tick writes to all of them at once."""
+        tick = 0
+        while True:
+            await anyio.sleep(interval_s / _HEARTBEAT_SLOTS)
+            tick = (tick + 1) % _HEARTBEAT_SLOTS
+            for sock in list(self._slots[tick]):
+                if sock.raw is not None:
+                    sock.raw.heartbeat()
 
     async def resync(self, session_ids: list[str]) -> None:
         """After a fan-out gap (pub/sub reconnect): a fresh STATE_SYNC to every socket of these
@@ -302,43 +339,50 @@ def state_sync_frame(sid: str, state: Any, now: int) -> str:
                    "state": wire.session_json(state, now)})
 
 
-def register_ws(app: Quart, svc: Services) -> None:
-    """Attach the `/ws` endpoint."""
-    clock = svc.clock
-    relays: Relays = svc.relays
+class Refused(Exception):
+    """A connection refused after the handshake: closed with `code` and `reason`."""
 
-    @app.websocket("/ws")
-    async def ws_endpoint() -> None:
-        """`/ws?sessionId=…`: see docs/websocket.md for frames and close codes."""
-        # Quart/Hypercorn: accept before awaiting anything else.
-        await websocket.accept()
-        sid_raw = websocket.args.get("sessionId")
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+class WsHandler:
+    """`/ws?sessionId=…` (docs/websocket.md for frames and close codes), whatever carries the
+    frames: `RawWS` (HTTP/1.1, served inside Hypercorn: `open`/`message`/`closed`) or Quart's
+    websocket (HTTP/2, `ws_endpoint`)."""
+
+    path = b"/ws"
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self.relays: Relays = svc.relays  # type: ignore[assignment]
+
+    async def admit(self, args: Mapping[str, str], header: Callable[[str], str | None],
+                    remote_addr: str | None, raw: RawWS | None) -> Socket:
+        """Check a new socket's request and subscribe it; raises Refused."""
+        svc = self.svc
+        sid_raw = args.get("sessionId")
         if not sid_raw:
-            await websocket.close(1008, "Missing sessionId parameter")
-            return
+            raise Refused(1008, "Missing sessionId parameter")
         if not _UUID.match(sid_raw):
-            await websocket.close(1008, "Invalid sessionId format")
-            return
+            raise Refused(1008, "Invalid sessionId format")
         sid = sid_raw.lower()
-        origin = websocket.headers.get("Origin")
-        if origin is not None and not svc.cors.allows(origin, websocket.host):
-            await websocket.close(1008, "Origin not allowed")
-            return
+        origin = header("origin")
+        if origin is not None and not svc.cors.allows(origin, header("host")):
+            raise Refused(1008, "Origin not allowed")
         if svc.draining:
-            await websocket.close(1012, "Service restart")
-            return
+            raise Refused(1012, "Service restart")
+        peer = svc.addresses.resolve(remote_addr, header("x-forwarded-for"))
         try:
             # Connections count against the caller's general limit, like REST requests (and a
             # failed authentication against the client address).
-            caller, _ = await A.counted_caller(svc.auth, svc.limiter, lambda: _peer(svc),
-                                         websocket.headers.get("Authorization"),
-                                         websocket.args.get("token") or None)
+            caller, _ = await A.counted_caller(svc.auth, svc.limiter, lambda: peer,
+                                               header("authorization"), args.get("token") or None)
         except RateLimited:
-            await websocket.close(1008, "Rate limit exceeded")
-            return
+            raise Refused(1008, "Rate limit exceeded") from None
         except KairosError:
-            await websocket.close(1008, "Unauthorized")
-            return
+            raise Refused(1008, "Unauthorized") from None
         gated = False
         try:
             A.require_read(caller, await svc.host.get(sid))
@@ -346,48 +390,132 @@ def register_ws(app: Quart, svc: Services) -> None:
             # Clients may subscribe before they create (SyncKairos v2): wait for the session.
             gated = not caller.is_admin
         except KairosError:
-            await websocket.close(1008, "Forbidden")
-            return
-        queue, raw = svc.settings.ws_send_queue, RawSocket.of(websocket.scope)
-        sock = GatedSocket(queue, caller, raw) if gated else Socket(queue, raw)
+            raise Refused(1008, "Forbidden") from None
+        kind = GatedSocket if gated else Socket
+        sock = kind(svc.settings.ws_send_queue, raw, sid=sid, caller=caller, peer=peer)
         metrics.WS_CONNECTIONS.inc()
         structlog.contextvars.bind_contextvars(session_id=sid, sub=caller.sub)
-        log.info("websocket connected", client=_peer(svc), user_agent=websocket.headers.get("User-Agent"))
+        log.info("websocket connected", client=peer, user_agent=header("user-agent"))
+        # Subscribed before CONNECTED (a client may act on it at once); what arrives in between
+        # is held by the socket and written right after CONNECTED.
+        await self.relays.join(sid, sock)
+        return sock
+
+    def hello(self, sock: Socket) -> str:
+        """The CONNECTED frame."""
+        return _dumps({"type": "CONNECTED", "sessionId": sock.sid, "timestamp": self.svc.clock()})
+
+    async def open(self, link: RawWS, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        """A new HTTP/1.1 socket (handshake answered): admit it and send CONNECTED, or close it."""
+        query = target.partition(b"?")[2].decode("latin-1")
+        args: dict[str, str] = {}
+        for k, v in parse_qsl(query, keep_blank_values=True, errors="replace"):
+            args.setdefault(k, v)
+        values: dict[str, str] = {}
+        for name, value in headers:
+            values.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
         try:
-            # Subscribed before CONNECTED (a client may act on it at once); what arrives in
-            # between is held by the socket and written right after CONNECTED.
-            await relays.join(sid, sock)
-            await websocket.send(_dumps({"type": "CONNECTED", "sessionId": sid, "timestamp": clock()}))
-            sock.connected()
+            sock = await self.admit(args, values.get, link.client[0] if link.client else None, link)
+        except Refused as r:
+            link.close(r.code, r.reason)
+            return
+        link.sock = sock
+        link.write(text_frame(self.hello(sock).encode()))
+        sock.connected()
+
+    async def message(self, link: RawWS, data: str | bytes) -> None:
+        """A message from an HTTP/1.1 socket."""
+        if link.sock is not None:
+            await self.received(link.sock, data)
+
+    async def closed(self, link: RawWS) -> None:
+        """An HTTP/1.1 socket is gone."""
+        if link.sock is not None:
+            await self.gone(link.sock)
+
+    async def gone(self, sock: Socket) -> None:
+        """Unsubscribe a socket that has gone."""
+        metrics.WS_CONNECTIONS.dec()
+        # close code None: the client went away (or its connection dropped)
+        log.info("websocket disconnected", code=sock.close_code, reason=sock.close_reason)
+        if sock.queue is not None:
+            sock.queue.close()
+        with anyio.CancelScope(shield=True):  # a disconnect cancels us; still unsubscribe
+            await self.relays.leave(sock.sid, sock)
+
+    async def received(self, sock: Socket, data: str | bytes) -> None:
+        """One message from the client: PING, RECONNECT or a command (anything else is ignored,
+        or answered UNKNOWN_COMMAND when it has a request id)."""
+        svc = self.svc
+        received = svc.clock()
+        try:
+            msg = json.loads(data)
+        except (ValueError, RecursionError, TypeError):
+            return  # bad JSON is ignored without closing
+        if not isinstance(msg, dict):
+            return
+        kind = msg.get("type")
+        known = kind in _COMMANDS or kind in ("PING", "RECONNECT")
+        metrics.WS_MESSAGES.labels("in", kind if known else "other").inc()
+        problems = unstorable(msg) if known else None
+        if problems:  # U+0000, lone surrogates, numbers beyond 64 bits: refused like REST
+            rid = _request_id(msg)
+            echo = rid if rid is not None and not unstorable(rid) else None
+            sock.reply(W.ws_error_frame(W.validation_error(problems), echo))
+            return
+        if kind == "PING":
+            pong: dict[str, Any] = {"type": "PONG", "timestamp": received, "server_receive_ms": received}
+            if "client_time" in msg:
+                pong["client_time"] = msg["client_time"]
+            pong["server_send_ms"] = svc.clock()
+            sock.reply(_dumps(pong))
+        elif kind == "RECONNECT":
+            await _state_sync(svc, sock)
+        elif kind in _COMMANDS:
+            sock.reply(await _command(svc, sock, kind, msg))
+        elif (request_id := _request_id(msg)) is not None:
+            # A command the server does not know is answered; a frame without an id is not.
+            err = UnknownCommand(f"Unknown command type {str(kind)[:64]!r}")
+            sock.reply(W.ws_error_frame(err, request_id))
+
+
+def register_ws(app: Quart, svc: Services) -> WsHandler:
+    """Attach the `/ws` endpoint; returns the handler that `web.hypercorn_ws` serves HTTP/1.1
+    sockets with (this Quart route then only sees HTTP/2 ones)."""
+    handler = WsHandler(svc)
+
+    @app.websocket("/ws")
+    async def ws_endpoint() -> None:
+        """`/ws?sessionId=…` over HTTP/2: see docs/websocket.md for frames and close codes."""
+        # Quart/Hypercorn: accept before awaiting anything else.
+        await websocket.accept()
+        args = {k: websocket.args.get(k, "") for k in websocket.args}
+        try:
+            sock = await handler.admit(args, websocket.headers.get, websocket.remote_addr, None)
+        except Refused as r:
+            await websocket.close(r.code, r.reason)
+            return
+        assert sock.closing is not None and sock.flushed is not None
+        try:
+            await websocket.send(handler.hello(sock))
             async with anyio.create_task_group() as tg:
-                if sock.raw is None:
-                    tg.start_soon(_sender, sock)
-                tg.start_soon(_receiver, svc, sid, caller, sock)
+                tg.start_soon(_sender, sock)
+                tg.start_soon(_receiver, handler, sock)
                 await sock.closing.wait()
                 with anyio.move_on_after(2):  # a client that never reads cannot hold us here
                     await sock.flushed.wait()
                 tg.cancel_scope.cancel()
             if sock.close_code is not None:
-                with anyio.move_on_after(2) as scope:
+                with anyio.move_on_after(2):
                     await websocket.close(sock.close_code, sock.close_reason)
-                if scope.cancelled_caught and sock.raw is not None:
-                    sock.raw.abort()  # not even the close frame got out: the client stopped reading
         finally:
-            metrics.WS_CONNECTIONS.dec()
-            # close code None: the client went away (or its connection dropped)
-            log.info("websocket disconnected", code=sock.close_code, reason=sock.close_reason)
-            if sock.queue is not None:
-                sock.queue.close()
-            with anyio.CancelScope(shield=True):  # a disconnect cancels us; still unsubscribe
-                await relays.leave(sid, sock)
+            await handler.gone(sock)
 
-
-def _peer(svc: Services) -> str:
-    return svc.addresses.resolve(websocket.remote_addr, websocket.headers.get("X-Forwarded-For"))
+    return handler
 
 
 async def _sender(sock: Socket) -> None:
-    assert sock.recv_stream is not None
+    assert sock.recv_stream is not None and sock.flushed is not None
     try:
         async for frame in sock.recv_stream:
             await websocket.send(frame)
@@ -395,47 +523,18 @@ async def _sender(sock: Socket) -> None:
         sock.flushed.set()
 
 
-async def _receiver(svc: Services, sid: str, caller: A.Caller, sock: Socket) -> None:
+async def _receiver(handler: WsHandler, sock: Socket) -> None:
     try:
         while True:
-            raw = await websocket.receive()
-            received = svc.clock()
-            try:
-                msg = json.loads(raw)
-            except (ValueError, RecursionError, TypeError):
-                continue  # bad JSON is ignored without closing
-            if not isinstance(msg, dict):
-                continue
-            kind = msg.get("type")
-            metrics.WS_MESSAGES.labels("in", kind if kind in _COMMANDS or kind in ("PING", "RECONNECT") else "other").inc()
-            problems = unstorable(msg) if kind in _COMMANDS or kind in ("PING", "RECONNECT") else None
-            if problems:  # U+0000, lone surrogates, numbers beyond 64 bits: refused like REST
-                rid = _request_id(msg)
-                echo = rid if rid is not None and not unstorable(rid) else None
-                await websocket.send(W.ws_error_frame(W.validation_error(problems), echo))
-                continue
-            if kind == "PING":
-                pong: dict[str, Any] = {"type": "PONG", "timestamp": received,
-                                        "server_receive_ms": received}
-                if "client_time" in msg:
-                    pong["client_time"] = msg["client_time"]
-                pong["server_send_ms"] = svc.clock()
-                await websocket.send(_dumps(pong))
-            elif kind == "RECONNECT":
-                await _state_sync(svc, sid, caller, sock)
-            elif kind in _COMMANDS:
-                await websocket.send(await _command(svc, sid, caller, kind, msg))
-            elif (request_id := _request_id(msg)) is not None:
-                # A command the server does not know is answered; a frame without an id is not.
-                err = UnknownCommand(f"Unknown command type {str(kind)[:64]!r}")
-                await websocket.send(W.ws_error_frame(err, request_id))
+            await handler.received(sock, await websocket.receive())
     finally:
         sock.close(1000, "", flush=False)
 
 
-async def _state_sync(svc: Services, sid: str, caller: A.Caller, sock: Socket) -> None:
+async def _state_sync(svc: Services, sock: Socket) -> None:
     """Answer RECONNECT: a STATE_SYNC of the current state, written in line with the relayed
     updates (no await between the version check and the write)."""
+    sid, caller = sock.sid, sock.caller
     try:
         state = await svc.host.get(sid)
         if state.version < sock.version:
@@ -444,7 +543,7 @@ async def _state_sync(svc: Services, sid: str, caller: A.Caller, sock: Socket) -
             state = await svc.host.get(sid, stored=True)
         A.require_read(caller, state)
     except Exception as exc:
-        await websocket.send(W.ws_error_frame(W.as_kairos_error(exc)))
+        sock.reply(W.ws_error_frame(W.as_kairos_error(exc)))
         return
     if state.version < sock.version:
         # Only a store that lost acknowledged writes answers older: follow it, or this socket
@@ -459,11 +558,12 @@ def _request_id(msg: dict[str, Any]) -> str | None:
     return request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
 
 
-async def _command(svc: Services, sid: str, caller: A.Caller, kind: str, msg: dict[str, Any]) -> str:
+async def _command(svc: Services, sock: Socket, kind: str, msg: dict[str, Any]) -> str:
     """Run one socket command with REST's rules; returns the ACK or ERROR frame."""
     request_id = _request_id(msg)
+    sid, caller = sock.sid, sock.caller
     try:
-        await svc.limiter.hit(caller.sub if svc.auth.enabled else _peer(svc))
+        await svc.limiter.hit(caller.sub if svc.auth.enabled else sock.peer)
         state = None if caller.is_admin else await svc.host.get(sid)
         if kind == "SWITCH":
             nxt, expected = msg.get("next_participant_id"), msg.get("expected_active_participant_id")

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from kairos.errors import RateLimited
 from web.errors import error_body, from_pydantic, ws_error_frame
-from web.hypercorn_ws import RawSocket
+from web.hypercorn_ws import CLOSING, RawWS, close_frame
 from web.limits import ClientAddress, GeneralLimiter
 from web.schemas import CreateSession
 from web.ws import Frames, Socket, update_frames
@@ -103,6 +103,7 @@ class _Transport:
 
     def __init__(self) -> None:
         self.data = bytearray()
+        self.aborted = False
 
     def write(self, data: bytes) -> None:
         self.data += data
@@ -111,20 +112,18 @@ class _Transport:
         return len(self.data)
 
     def is_closing(self) -> bool:
-        return False
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
 
 
-class _Stream:
-    closed = False
-
-    class connection:  # noqa: N801 - mimics wsproto's attribute
-        from wsproto.connection import ConnectionState
-        state = ConnectionState.OPEN
-
-
-def test_frames_are_framed_once_and_a_reader_that_stops_is_dropped_at_its_bound() -> None:
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the server runs on asyncio (uvloop)
+async def test_frames_are_framed_once_and_a_reader_that_stops_is_dropped_at_its_bound() -> None:
     transport = _Transport()
-    sock = Socket(2, RawSocket(_Stream(), transport))  # type: ignore[arg-type]
+    link = RawWS(None, transport, None, None, 65536)  # type: ignore[arg-type]
+    sock = Socket(2, link)
     early = Frames(["before CONNECTED"])
     assert sock.send(early) and transport.data == b""  # held until CONNECTED is out
     sock.connected()
@@ -136,7 +135,11 @@ def test_frames_are_framed_once_and_a_reader_that_stops_is_dropped_at_its_bound(
     assert sock.send(frames) and bytes(transport.data) == frames.data
     assert sock.send(frames)  # below the bound (2 frames of 1 KB) before this write
     assert not sock.send(frames)
-    assert sock.close_code == 1013 and sock.closing.is_set() and len(transport.data) == 2 * len(frames.data)
+    # dropped: a close frame after what was written, and no more frames
+    assert sock.close_code == 1013 and link.state == CLOSING
+    assert bytes(transport.data) == 2 * frames.data + close_frame(1013, "Client too slow")
+    assert not sock.send(frames)
+    link._timer.cancel()  # type: ignore[union-attr]
 
 
 def test_pydantic_errors_become_dotted_details() -> None:
@@ -287,9 +290,9 @@ def test_reconnect_answer_reads_the_checkpoint_when_the_socket_is_ahead_of_the_o
         host = Host()
         clock = staticmethod(lambda: T0)
 
-    sock = Socket(20)
+    sock = Socket(20, sid=old.session_id)
     sock.version = 2  # the update of version 2 went out already
-    anyio.run(W._state_sync, Svc(), old.session_id, W.A.ANONYMOUS_ADMIN, sock)
+    anyio.run(W._state_sync, Svc(), sock)
     assert reads == [False, True]
     assert sock.recv_stream is not None
     frame = json.loads(sock.recv_stream.receive_nowait())

@@ -403,3 +403,74 @@ async def test_an_update_older_than_the_sockets_state_sync_is_never_sent_to_it(
             assert (after["type"], after["state"]["version"]) == ("STATE_UPDATE", 4)
     finally:
         await client.aclose()
+
+
+def _raw_socket(server: KairosServer, sid: str) -> socket.socket:
+    """A TCP connection that has done the WebSocket handshake (and read up to CONNECTED)."""
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    s.sendall((f"GET /ws?sessionId={sid}&token={server.token('host-1')} HTTP/1.1\r\nHost: x\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    data = b""
+    while b"CONNECTED" not in data:
+        chunk = s.recv(65536)
+        assert chunk, data
+        data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    assert head.startswith(b"http/1.1 101") and b"sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=" in head
+    return s
+
+
+def _client_frame(first: int, payload: bytes, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    return bytes([first]) + size + mask + masked
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(first byte, payload) of each whole server frame in `data`, heartbeat pings left out."""
+    frames = []
+    while len(data) >= 2:
+        n, head = data[1], 2
+        if n == 126:
+            n, head = int.from_bytes(data[2:4], "big"), 4
+        if len(data) < head + n:
+            break
+        if data[0] != 0x89:
+            frames.append((data[0], data[head:head + n]))
+        data = data[head + n:]
+    return frames
+
+
+def _read_until_closed(s: socket.socket) -> list[tuple[int, bytes]]:
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return _server_frames(data)
+
+
+def test_fragments_pings_and_protocol_errors_follow_rfc_6455(server: KairosServer) -> None:
+    """The server's own framing: a message in fragments with a ping between them is one message
+    (the ping answered with its payload); a frame the RFC forbids closes the socket with its code."""
+    sid, _ = make_session(server)
+    s = _raw_socket(server, sid)
+    msg = json.dumps({"type": "PING", "client_time": 7}).encode()
+    s.sendall(_client_frame(0x01, msg[:5]) + _client_frame(0x89, b"hi") + _client_frame(0x80, msg[5:]))
+    data = b""
+    while len(_server_frames(data)) < 2:
+        data += s.recv(65536)
+    (pong, payload), (text, answer) = _server_frames(data)
+    assert (pong, payload) == (0x8A, b"hi")  # before the answer to the whole message
+    assert text == 0x81 and json.loads(answer)["client_time"] == 7
+    s.sendall(_client_frame(0x81, b"\xff\xfe"))  # not UTF-8
+    assert _read_until_closed(s) == [(0x88, (1007).to_bytes(2, "big"))]
+    s.close()
+    s = _raw_socket(server, sid)
+    s.sendall(b"\x81\x02{}")  # a client frame without a mask
+    assert _read_until_closed(s) == [(0x88, (1002).to_bytes(2, "big"))]
+    s.close()
+    s = _raw_socket(server, sid)
+    s.sendall(_client_frame(0x88, (1000).to_bytes(2, "big") + b"bye"))  # the client closes
+    assert _read_until_closed(s)[0] == (0x88, (1000).to_bytes(2, "big"))
+    s.close()
