@@ -398,7 +398,11 @@ class WsHandler:
         log.info("websocket connected", client=peer, user_agent=header("user-agent"))
         # Subscribed before CONNECTED (a client may act on it at once); what arrives in between
         # is held by the socket and written right after CONNECTED.
-        await self.relays.join(sid, sock)
+        try:
+            await self.relays.join(sid, sock)
+        except BaseException:  # e.g. the subscription failed: nothing may stay registered
+            await self.gone(sock)
+            raise
         return sock
 
     def hello(self, sock: Socket) -> str:
