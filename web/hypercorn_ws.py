@@ -68,8 +68,9 @@ class WsApp(Protocol):
 
     path: bytes  # the request path served this way (b"/ws")
 
-    async def open(self, link: RawWS, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """The handshake is done: check the request, answer CONNECTED or close the link."""
+    async def open(self, link: RawWS, target: bytes, headers: dict[str, str]) -> None:
+        """The upgrade is accepted: check the request, answer CONNECTED or close the link.
+        (`headers`: lower-case names, the first value of each.)"""
 
     async def message(self, link: RawWS, data: str | bytes) -> None:
         """One whole message from the client."""
@@ -82,11 +83,15 @@ class RawWS:
     """One HTTP/1.1 WebSocket: RFC 6455 framing on the TCP transport, driven by the connection's
     Hypercorn read task (`handle`) and written to without awaiting (`write`, `close`)."""
 
-    __slots__ = ("app", "transport", "send", "client", "max_size", "state", "pong", "sock",
+    __slots__ = ("app", "transport", "send", "client", "max_size", "state", "pong", "sock", "_head",
                  "_buf", "_parts", "_opcode", "_size", "_skip", "_timer", "_gone")
 
-    def __init__(self, app: WsApp, transport: Any, send: Any, client: Any, max_size: int) -> None:
+    def __init__(self, app: WsApp, transport: Any, send: Any, client: Any, max_size: int,
+                 head: bytes = b"") -> None:
         self.app, self.transport, self.send, self.client = app, transport, send, client
+        # The 101 response, written with the first frame (CONNECTED or a close): one write, one
+        # segment for the client to wake up for, instead of two.
+        self._head = head
         self.max_size = max_size
         self.state = OPEN
         self.pong = True  # the previous ping (none yet) was answered
@@ -111,6 +116,8 @@ class RawWS:
 
     def write(self, frames: bytes) -> None:
         """Write whole frames."""
+        if self._head:
+            frames, self._head = self._head + frames, b""
         self.transport.write(frames)
 
     def close(self, code: int, reason: str = "") -> None:
@@ -120,7 +127,7 @@ class RawWS:
             return
         self.state = CLOSING
         if not self.transport.is_closing():
-            self.transport.write(close_frame(code, reason))
+            self.write(close_frame(code, reason))
         self._timer = asyncio.get_running_loop().call_later(_CLOSE_WAIT_S, self.abort)
 
     def abort(self) -> None:
@@ -134,11 +141,11 @@ class RawWS:
             return
         if not self.pong:
             self.state = CLOSED
-            self.transport.write(close_frame(1011, "Heartbeat missed"))
+            self.write(close_frame(1011, "Heartbeat missed"))
             self.transport.close()  # the read task sees the end and cleans up
             return
         self.pong = False
-        self.transport.write(_PING)
+        self.write(_PING)
 
     # -------- reading (in the connection's read task)
 
@@ -233,12 +240,12 @@ class RawWS:
         """A control frame; True when the connection is finished."""
         if opcode == 0x9:  # ping
             if self.state == OPEN:
-                self.transport.write(_frame(0x8A, payload))
+                self.write(_frame(0x8A, payload))
         elif opcode == 0xA:  # pong
             self.pong = True
         elif opcode == 0x8:  # close: answer it (unless it answers ours), then end the connection
             if self.state == OPEN:
-                self.transport.write(_frame(0x88, payload[:2] if len(payload) >= 2 else b""))
+                self.write(_frame(0x88, payload[:2] if len(payload) >= 2 else b""))
             self.state = CLOSED
             await self.send(StreamClosed(stream_id=STREAM_ID))
             return True
@@ -250,33 +257,36 @@ class RawWS:
     async def _fail(self, code: int) -> None:
         """A protocol violation: close frame with `code`, then end the connection."""
         if self.state == OPEN:
-            self.transport.write(close_frame(code))
+            self.write(close_frame(code))
         self.state = CLOSED
         await self.send(StreamClosed(stream_id=STREAM_ID))
 
 
-def _accept_key(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key.strip() + _GUID).digest())  # noqa: S324 - RFC 6455
+def _accept_key(key: str) -> bytes:
+    return base64.b64encode(hashlib.sha1(key.strip().encode("latin-1") + _GUID).digest())  # noqa: S324 - RFC 6455
 
 
-def _upgrade(request: Any) -> bytes | None:
+def _headers(request: Any) -> dict[str, str]:
+    """An h11 request's headers: lower-case name -> its first value."""
+    # h11's Headers iterates as a Python Sequence (one __getitem__ per header); its list is direct.
+    items = getattr(request.headers, "_full_items", None)
+    pairs = ((n, v) for _, n, v in items) if items is not None else iter(request.headers)
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        out.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return out
+
+
+def _upgrade(request: Any, headers: dict[str, str]) -> str | None:
     """The Sec-WebSocket-Key of a valid HTTP/1.1 WebSocket upgrade request, else None."""
     if request.http_version != b"1.1" or request.method != b"GET":
         return None
-    key = version = upgrade = None
-    connection = b""
-    for name, value in request.headers:  # h11 gives lower-case names
-        if name == b"sec-websocket-key":
-            key = value
-        elif name == b"sec-websocket-version":
-            version = value
-        elif name == b"upgrade":
-            upgrade = value
-        elif name == b"connection":
-            connection = value
-    if key is None or version != b"13" or upgrade is None or upgrade.strip().lower() != b"websocket":
+    key = headers.get("sec-websocket-key")
+    if key is None or headers.get("sec-websocket-version") != "13":
         return None
-    if not any(t.strip().lower() == b"upgrade" for t in connection.split(b",")):
+    if headers.get("upgrade", "").strip().lower() != "websocket":
+        return None
+    if not any(t.strip().lower() == "upgrade" for t in headers.get("connection", "").split(",")):
         return None
     return key
 
@@ -304,23 +314,25 @@ def apply(app: WsApp | None = None) -> None:
         app = _app
         key = None
         if app is not None and request.target.partition(b"?")[0] == app.path:
-            key = _upgrade(request)
+            headers = _headers(request)
+            key = _upgrade(request, headers)
         # the transport under Hypercorn's TCPServer (its `send` is the server's protocol_send)
         transport = getattr(getattr(getattr(self.send, "__self__", None), "writer", None), "transport", None)
         if key is None or transport is None or self.config.server_names:  # (server_names: Hypercorn's 404)
             await original_create(self, request)
             return
         assert app is not None
-        transport.write(b"".join((
+        head = b"".join((
             b"HTTP/1.1 101 \r\nsec-websocket-accept: ", _accept_key(key),
             b"\r\nupgrade: WebSocket\r\nconnection: Upgrade\r\n",
-            *(b"%s: %s\r\n" % h for h in self.config.response_headers("h11")), b"\r\n")))
-        link = RawWS(app, transport, self.stream_send, self.client, self.config.websocket_max_message_size)
+            *(b"%s: %s\r\n" % h for h in self.config.response_headers("h11")), b"\r\n"))
+        link = RawWS(app, transport, self.stream_send, self.client, self.config.websocket_max_message_size,
+                     head)
         self.stream = link  # type: ignore[assignment]
         self.connection = H11WSConnection(self.connection)  # type: ignore[arg-type]
         self.keep_alive_requests += 1
         await self.context.mark_request()
-        await app.open(link, request.target, list(request.headers))
+        await app.open(link, request.target, headers)
 
     H11Protocol._create_stream = create_stream  # type: ignore[method-assign]
     original_handle = H.WSStream.handle

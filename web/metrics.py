@@ -32,6 +32,11 @@ WS_CONNECTIONS = Gauge("kairos_ws_connections", "Open WebSocket connections")
 WS_MESSAGES = Counter("kairos_ws_messages_total", "WebSocket messages", ["direction", "type"])
 WS_DROPPED = Counter("kairos_ws_dropped_total", "Sockets dropped because their send queue overflowed")
 ACTORS_ACTIVE = Gauge("kairos_actors_active", "Session actors live on this instance")
+WS_FANOUT_SECONDS = Histogram(
+    "kairos_ws_fanout_seconds",
+    "One update written to every local socket of its session (one pass; the last socket's wait)",
+    buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
 
 
 LOOP_LAG = Histogram(

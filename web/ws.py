@@ -200,8 +200,10 @@ class Relay:
             return
         metrics.WS_MESSAGES.labels("out", "STATE_UPDATE").inc(len(self.sockets))
         self.version = max(self.version, version)
+        t0 = time.perf_counter()
         # a deletion always goes out; an update's extra frames precede its STATE_UPDATE
         self.send(Frames(texts) if deleted else Frames(texts, version, events=len(texts) - 1))
+        metrics.WS_FANOUT_SECONDS.observe(time.perf_counter() - t0)
         if deleted:
             for sock in self.sockets:
                 sock.close(1000, "Session deleted")
@@ -407,19 +409,17 @@ class WsHandler:
 
     def hello(self, sock: Socket) -> str:
         """The CONNECTED frame."""
-        return _dumps({"type": "CONNECTED", "sessionId": sock.sid, "timestamp": self.svc.clock()})
+        # the same bytes as _dumps of that object (sid is a lower-case UUID), ~5x cheaper
+        return f'{{"type":"CONNECTED","sessionId":"{sock.sid}","timestamp":{int(self.svc.clock())}}}'
 
-    async def open(self, link: RawWS, target: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        """A new HTTP/1.1 socket (handshake answered): admit it and send CONNECTED, or close it."""
+    async def open(self, link: RawWS, target: bytes, headers: dict[str, str]) -> None:
+        """A new HTTP/1.1 socket (upgrade accepted): admit it and send CONNECTED, or close it."""
         query = target.partition(b"?")[2].decode("latin-1")
         args: dict[str, str] = {}
         for k, v in parse_qsl(query, keep_blank_values=True, errors="replace"):
             args.setdefault(k, v)
-        values: dict[str, str] = {}
-        for name, value in headers:
-            values.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
         try:
-            sock = await self.admit(args, values.get, link.client[0] if link.client else None, link)
+            sock = await self.admit(args, headers.get, link.client[0] if link.client else None, link)
         except Refused as r:
             link.close(r.code, r.reason)
             return
