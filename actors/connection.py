@@ -25,6 +25,21 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, ConnectionPool
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+)
+
+# Redis errors after which trying again later is right (the router retries to its deadline, a
+# read answers 503): a lost connection or a timeout, and on a cluster a slot whose keys are being
+# migrated (TRYAGAIN: nothing ran), a slot without a master during a node failover
+# (CLUSTERDOWN), and MOVED/ASK still coming after redis-py's own redirections.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    ConnectionError, TimeoutError, TryAgainError, ClusterDownError, SlotNotCoveredError, AskError)
 
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
@@ -47,6 +62,14 @@ def is_cluster_url(url: str | None) -> bool:
 def is_cluster(client: Any) -> bool:
     """Whether `client` talks to a Redis Cluster (scripts then keep to one slot each)."""
     return isinstance(client, RedisCluster)
+
+
+def connection_kwargs(client: Any) -> dict[str, Any]:
+    """The options `client` makes its connections with (a cluster client keeps them itself)."""
+    if is_cluster(client):
+        return dict(client.connection_kwargs)
+    return dict(client.connection_pool.connection_kwargs) | {
+        "max_connections": getattr(client.connection_pool, "max_connections", 100)}
 
 
 def open_redis(url: str, **kwargs: Any) -> Any:
@@ -82,6 +105,16 @@ class AnyNodeConnection(Connection):
                 self.host, self.port = self.nodes[0]
         assert error is not None
         raise error
+
+
+def open_pubsub(url: str, **kwargs: Any) -> aioredis.Redis:
+    """A plain client for pub/sub only: `open_redis(url)`, or for a cluster one connection to any
+    of its nodes (see `pubsub_client`)."""
+    if not is_cluster_url(url):
+        return open_redis(url, **kwargs)
+    nodes, options = parse_cluster_url(url)
+    return aioredis.Redis(connection_pool=ConnectionPool(
+        connection_class=AnyNodeConnection, nodes=nodes, **{**options, **kwargs}))
 
 
 def pubsub_client(client: Any, **kwargs: Any) -> aioredis.Redis:

@@ -21,9 +21,9 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.actor import Actor, Lease, Reply
+from actors.connection import UNAVAILABLE, connection_kwargs, pubsub_client
 from actors.keys import Keys, Scripts
 from actors.membership import Membership
 from actors.metrics import DRAIN_SECONDS, LEASES_CLAIMED, LIVENESS_LOST
@@ -71,11 +71,14 @@ class Host:
         ask_deadline_ms: int = 10_000,
         forward_timeout_ms: int = 2_000,
         min_replicas_ack: int = 0,
+        partitions: int = 1,
     ) -> None:
-        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+        if connection_kwargs(redis).get("decode_responses"):
             raise ValueError("Host needs a Redis client with decode_responses=False")
         self.redis = redis
-        self.keys = Keys(key_prefix)
+        # The reply subscription's client: `redis` itself, or on a cluster one connection to any node.
+        self.pubsub_redis = pubsub_client(redis)
+        self.keys = Keys(key_prefix, partitions)
         self.scripts = Scripts(redis, self.keys, min_replicas_ack=min_replicas_ack)
         self.store = RedisStore(self.scripts, self.spawn)
         self._clock = clock
@@ -106,6 +109,7 @@ class Host:
         await tg.__aenter__()
         self._tg = tg
         try:
+            await self.scripts.do_check_layout()
             await self.membership.join()
             await tg.start(self.router.run_replies)
             tg.start_soon(self.membership.run)
@@ -141,6 +145,8 @@ class Host:
                 except Exception:
                     pass  # Redis gone: the liveness key expires by itself
                 await self.scripts.aclose()
+                if self.pubsub_redis is not self.redis:
+                    await self.pubsub_redis.aclose()
         return None
 
     # --- public API ------------------------------------------------------------------------
@@ -167,7 +173,7 @@ class Host:
                 # A pooled connection from before a Redis restart fails once and is dropped; a
                 # read is safe to send again (on a fresh connection).
                 raw = await self.scripts.do_load_checkpoint(session_id)
-        except (RedisConnectionError, RedisTimeoutError) as e:
+        except UNAVAILABLE as e:
             raise Unavailable("Session store unreachable, please retry", retry_after=1) from e
         if raw is not None:
             return codec.decode(raw)
@@ -279,9 +285,10 @@ class Host:
 
     def successor(self, session_id: str) -> str | None:
         """While draining: the live instance that takes `session_id` over (None otherwise)."""
-        if not self.draining or not self._successors:
+        targets = [t for t in self._successors if t not in self.scripts.dead]
+        if not self.draining or not targets:
             return None
-        return rendezvous(session_id, self._successors)
+        return rendezvous(session_id, targets)
 
     def claim_lock(self, session_id: str) -> _ClaimLock:
         """Serialises claims of one session within this host (claims elsewhere are fenced)."""

@@ -13,15 +13,22 @@ name inside Lua from the prefix with the same spelling as `Keys.liveness` / `Key
 
 from __future__ import annotations
 
+import functools
+import zlib
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import redis.asyncio as redis_asyncio
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
+from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from actors.connection import connection_kwargs, is_cluster
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -37,25 +44,66 @@ INBOX_TTL_MS = 60_000
 # batch read (the inbox loop reads up to 128), so a read whose reply was lost can be read again.
 POPPED_KEEP = 256
 
-# Consumer groups on the outbox stream (`Keys.outbox`): each group sees every entry once.
+# Consumer groups on every outbox stream (`Keys.outbox_of`): each group sees every entry once.
 AUDIT_GROUP = "audit"  # copies events into PostgreSQL (actors/outbox/audit.py)
 PUSH_GROUP = "push"  # turns events into FCM notifications (actors/outbox/push.py)
 
 
-class Keys:
-    """Key and channel names under one deployment prefix (`KAIROS_KEY_PREFIX`)."""
+def partition_tags(partitions: int) -> tuple[str, ...]:
+    """The hash tag of each partition: partition i's tag hashes into the i-th of `partitions`
+    equal ranges of the 16,384 cluster slots, so a cluster whose masters own equal contiguous
+    ranges (as `redis-cli --cluster create` makes it) gets an equal share of partitions."""
+    return _partition_tags(partitions)
 
-    def __init__(self, prefix: str = "kairos:") -> None:
+
+@functools.cache
+def _partition_tags(partitions: int) -> tuple[str, ...]:
+    tags = []
+    for i in range(partitions):
+        low, high = i * SLOTS // partitions, (i + 1) * SLOTS // partitions
+        n = 0
+        while not low <= key_slot(_tag(i, n).encode()) < high:
+            n += 1
+        tags.append(_tag(i, n))
+    return tuple(tags)
+
+
+def _tag(i: int, n: int) -> str:
+    return f"p{i}" if n == 0 else f"p{i}.{n}"
+
+
+class Keys:
+    """Key and channel names under one deployment prefix (`KAIROS_KEY_PREFIX`), for `partitions`
+    partitions (`KAIROS_REDIS_PARTITIONS`).
+
+    Every key carries a hash tag so that whatever one script touches lives in one cluster slot:
+    a session's keys and its partition's outbox stream and deadline index share the partition's
+    tag (`{p3}`), an instance's liveness key, inbox and popped list share its incarnation
+    (`{<incarnation>}`). Channels are not keys (PUBLISH reaches every node)."""
+
+    def __init__(self, prefix: str = "kairos:", partitions: int = 1) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the key prefix must not contain { or } (they mark hash tags)")
         self.prefix = prefix
+        self.partitions = partitions
+        self.tags = partition_tags(partitions)
+
+    def partition(self, session_id: str) -> int:
+        """The session's partition: crc32 of its id modulo the partition count."""
+        return 0 if self.partitions == 1 else zlib.crc32(session_id.encode()) % self.partitions
+
+    def session_prefix(self, partition: int) -> str:
+        """What every key of a session of `partition` starts with (Lua appends sid .. ':lease')."""
+        return f"{self.prefix}s:{{{self.tags[partition]}}}:"
 
     def checkpoint(self, session_id: str) -> str:
         """String: the session's checkpoint bytes (`kairos.encode`)."""
-        return f"{self.prefix}s:{session_id}:cp"
+        return f"{self.session_prefix(self.partition(session_id))}{session_id}:cp"
 
     def lease(self, session_id: str) -> str:
         """Hash {o: owner incarnation or "", e: epoch, v: version last written under it (absent
         when unknown), d: "1" once deleted (tombstone)}."""
-        return f"{self.prefix}s:{session_id}:lease"
+        return f"{self.session_prefix(self.partition(session_id))}{session_id}:lease"
 
     def channel(self, session_id: str) -> str:
         """Pub/sub channel carrying the session's update messages (`kairos.wire.update_message`)."""
@@ -64,17 +112,17 @@ class Keys:
     def liveness(self, incarnation: str) -> str:
         """String with TTL: the instance's info (JSON) while the incarnation is alive.
 
-        Spelled again inside Lua as PREFIX .. 'i:' .. inc .. ':alive'."""
-        return f"{self.prefix}i:{incarnation}:alive"
+        Spelled again inside Lua as PREFIX .. 'i:{' .. inc .. '}:alive'."""
+        return f"{self.prefix}i:{{{incarnation}}}:alive"
 
     def inbox(self, incarnation: str) -> str:
-        """List of forwarded commands for the incarnation. Lua: PREFIX .. 'i:' .. inc .. ':inbox'."""
-        return f"{self.prefix}i:{incarnation}:inbox"
+        """List of forwarded commands for the incarnation. Lua: PREFIX .. 'i:{' .. inc .. '}:inbox'."""
+        return f"{self.prefix}i:{{{incarnation}}}:inbox"
 
     def inbox_popped(self, incarnation: str) -> str:
         """List, newest first: entries the incarnation's inbox reads took (the last POPPED_KEEP),
-        so an entry whose read reply was lost is read again, not lost. Lua: ... .. ':popped'."""
-        return f"{self.prefix}i:{incarnation}:popped"
+        so an entry whose read reply was lost is read again, not lost. Lua: ... .. '}:popped'."""
+        return f"{self.prefix}i:{{{incarnation}}}:popped"
 
     def reply_channel(self, incarnation: str) -> str:
         """Pub/sub channel on which owners answer forwarded commands."""
@@ -86,14 +134,35 @@ class Keys:
         return f"{self.prefix}instances"
 
     @property
+    def layout(self) -> str:
+        """String: the partition count the keys were laid out for (checked at start)."""
+        return f"{self.prefix}layout"
+
+    def deadlines_of(self, partition: int) -> str:
+        """Sorted set: the partition's running sessions (session_id) scored by next deadline."""
+        return f"{self.prefix}{{{self.tags[partition]}}}:deadlines"
+
+    def outbox_of(self, partition: int) -> str:
+        """The partition's outbox stream: one entry per accepted change of its sessions, field
+        `m` = update message bytes."""
+        return f"{self.prefix}{{{self.tags[partition]}}}:outbox"
+
+    @property
+    def outboxes(self) -> list[str]:
+        """Every partition's outbox stream."""
+        return [self.outbox_of(p) for p in range(self.partitions)]
+
+    @property
     def deadlines(self) -> str:
-        """Sorted set: session_id scored by its next deadline (running sessions only)."""
-        return f"{self.prefix}deadlines"
+        """The deadline index of a one-partition layout."""
+        assert self.partitions == 1, "several partitions: use deadlines_of(partition)"
+        return self.deadlines_of(0)
 
     @property
     def outbox(self) -> str:
-        """The outbox stream: one entry per accepted change, field `m` = update message bytes."""
-        return f"{self.prefix}outbox"
+        """The outbox stream of a one-partition layout."""
+        assert self.partitions == 1, "several partitions: use outbox_of(partition) / outboxes"
+        return self.outbox_of(0)
 
     def devices(self, sub: str) -> str:
         return f"{self.prefix}devices:{sub}"
@@ -124,12 +193,12 @@ return 0
 LIST_INSTANCES = """
 local out = {}
 for _, inc in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local info = redis.call('GET', ARGV[1] .. 'i:' .. inc .. ':alive')
+  local info = redis.call('GET', ARGV[1] .. 'i:{' .. inc .. '}:alive')
   if info then
     out[#out + 1] = info
   else
     redis.call('SREM', KEYS[1], inc)
-    redis.call('DEL', ARGV[1] .. 'i:' .. inc .. ':popped')
+    redis.call('DEL', ARGV[1] .. 'i:{' .. inc .. '}:popped')
   end
 end
 return out
@@ -153,7 +222,7 @@ return out
 #   {-1}         my own liveness key is gone: I must not claim anything
 CLAIM_OR_FORWARD = """
 local function forward(inc)
-  local inbox, popped = ARGV[2] .. 'i:' .. inc .. ':inbox', ARGV[2] .. 'i:' .. inc .. ':popped'
+  local inbox, popped = ARGV[2] .. 'i:{' .. inc .. '}:inbox', ARGV[2] .. 'i:{' .. inc .. '}:popped'
   redis.call('RPUSH', inbox, ARGV[4])
   redis.call('PEXPIRE', inbox, ARGV[5])
   redis.call('LTRIM', popped, 0, tonumber(ARGV[8]) - 1)
@@ -169,7 +238,7 @@ if owner and owner ~= '' then
     if ARGV[3] ~= '1' then return {5} end
     reason = 'self'
   else
-    local pttl = redis.call('PTTL', ARGV[2] .. 'i:' .. owner .. ':alive')
+    local pttl = redis.call('PTTL', ARGV[2] .. 'i:{' .. owner .. '}:alive')
     if pttl < 0 then
       reason = 'takeover'
     else
@@ -184,7 +253,7 @@ end
 if ARGV[3] ~= '1' then return {4} end
 epoch = epoch + 1
 if ARGV[7] ~= '' and ARGV[7] ~= ARGV[1] then
-  local pttl = redis.call('PTTL', ARGV[2] .. 'i:' .. ARGV[7] .. ':alive')
+  local pttl = redis.call('PTTL', ARGV[2] .. 'i:{' .. ARGV[7] .. '}:alive')
   if pttl < 0 then return {4} end
   redis.call('HSET', KEYS[1], 'o', ARGV[7], 'e', epoch)
   redis.call('PEXPIRE', KEYS[1], ARGV[6])
@@ -197,8 +266,9 @@ return {1, epoch, redis.call('GET', KEYS[3]), reason}
 """
 
 # --- fenced write (the hot path: one round trip per accepted command) ---------------------------
-# KEYS[1] lease(sid), KEYS[2] my liveness key, KEYS[3] checkpoint(sid), KEYS[4] outbox stream,
-# KEYS[5] deadlines zset
+# KEYS[1] lease(sid), KEYS[2] checkpoint(sid), KEYS[3] the partition's outbox stream, KEYS[4] its
+# deadlines zset (all four in the partition's slot), KEYS[5] my liveness key (one Redis only: on a
+# cluster it lives in another slot and is not checked; the lease alone fences, docs/scaling.md)
 # ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] checkpoint bytes, ARGV[4] TTL ms,
 # ARGV[5] update message bytes ("" = checkpoint only, e.g. a restored session), ARGV[6] channel
 # ("" = append to the outbox but do not publish: the caller publishes once replicas confirmed),
@@ -210,7 +280,7 @@ return {1, epoch, redis.call('GET', KEYS[3]), reason}
 # Returns 1 written, 2 already written (this very write, repeated), 0 lease no longer mine or
 # version not next (fenced), -1 my liveness key is gone.
 FENCED_WRITE = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 0 then return -1 end
 local lease = redis.call('HMGET', KEYS[1], 'o', 'e', 'v')
 if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
 if ARGV[11] ~= '' and lease[3] then
@@ -218,7 +288,7 @@ if ARGV[11] ~= '' and lease[3] then
   if written == v then return 2 end
   if written ~= v - 1 then return 0 end
 end
-redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 if ARGV[11] ~= '' then
   redis.call('HDEL', KEYS[1], 'd')  -- re-created after a delete: no longer a tombstone
   redis.call('HSET', KEYS[1], 'v', ARGV[11])
@@ -227,13 +297,13 @@ else
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 if ARGV[5] ~= '' then
-  redis.call('XADD', KEYS[4], '*', 'm', ARGV[5])
+  redis.call('XADD', KEYS[3], '*', 'm', ARGV[5])
   if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], ARGV[5]) end
 end
 if ARGV[8] ~= '' then
-  redis.call('ZADD', KEYS[5], ARGV[8], ARGV[7])
+  redis.call('ZADD', KEYS[4], ARGV[8], ARGV[7])
 else
-  redis.call('ZREM', KEYS[5], ARGV[7])
+  redis.call('ZREM', KEYS[4], ARGV[7])
 end
 if ARGV[10] ~= '' then
   redis.call('PUBLISH', ARGV[9], ARGV[10])
@@ -251,16 +321,16 @@ ALREADY_WRITTEN = 2  # FENCED_WRITE / FENCED_DELETE: a repeat of a write that al
 # the message, drops the deadline. Safe to send twice: the repeat finds the tombstone under my
 # epoch and answers 2. Returns 1 / 2 already deleted / 0 fenced / -1 liveness gone.
 FENCED_DELETE = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 0 then return -1 end
 local lease = redis.call('HMGET', KEYS[1], 'o', 'e', 'd')
 if lease[1] == '' and lease[2] == ARGV[2] and lease[3] == '1' then return 2 end
 if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'o', '', 'd', '1')
 redis.call('HDEL', KEYS[1], 'v')
-redis.call('XADD', KEYS[4], '*', 'm', ARGV[3])
+redis.call('XADD', KEYS[3], '*', 'm', ARGV[3])
 if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[3]) end
-redis.call('ZREM', KEYS[5], ARGV[5])
+redis.call('ZREM', KEYS[4], ARGV[5])
 return 1
 """
 
@@ -276,13 +346,18 @@ return 1
 """
 
 
+# Incarnations remembered as dead (Scripts.dead) at most; beyond, the memory starts again.
+_MAX_DEAD = 10_000
+# Connection options the inbox reader's own cluster client copies from the main one.
+_READER_OPTIONS = ("username", "password", "socket_timeout", "socket_connect_timeout", "client_name")
+
 # Pool connections left for the long-lived readers (reply pub/sub, renewal, spare; the inbox reads
 # have a client of their own).
 _RESERVED_CONNECTIONS = 4
 
 
-# --- adopt orphans (the sweeper) ----------------------------------------------------------------
-# KEYS[1] deadlines zset, KEYS[2] my liveness key
+# --- adopt orphans (the sweeper, on one Redis) -----------------------------------------------------
+# KEYS[1] the partition's deadlines zset, KEYS[2] my liveness key
 # ARGV[1] my incarnation, ARGV[2] key prefix, ARGV[3] max deadline ms (now + horizon),
 # ARGV[4] how many due entries to look at, ARGV[5] how many to adopt at most, ARGV[6] lease TTL ms,
 # ARGV[7] offset into the due entries (sweeps page through them when there are many)
@@ -290,12 +365,34 @@ _RESERVED_CONNECTIONS = 4
 # gone is claimed for me (epoch + 1); entries without a checkpoint are dropped. Sessions whose
 # lease names me are listed too: the caller re-activates those it has no actor for (one whose
 # write failed while Redis was away), so their deadline still fires.
-# Lua spells PREFIX .. 's:' .. sid .. ':lease' / ':cp' as Keys.lease / Keys.checkpoint.
+# ARGV[8] the partition's session key prefix (Keys.session_prefix): Lua spells Keys.lease /
+# Keys.checkpoint as ARGV[8] .. sid .. ':lease' / ':cp'.
 # Returns {checked, fetched, {my sid, ...}, sid1, epoch1, checkpoint1, reason1, sid2, ...} ({-1}
 # if my liveness key is gone); reason as CLAIM_OR_FORWARD's (released: a clean stop or
 # passivation let it go; takeover: its owner died); `checked` < `fetched` when the adoption
 # batch filled up first.
-ADOPT_ORPHANS = """
+# Shared by ADOPT_ORPHANS and ADOPT_DUE: claim one due session for me (ARGV[1]) with the lease
+# `lease` = {owner, epoch} read from key `lk`, appending {sid, epoch, checkpoint, reason} to `out`;
+# an entry whose checkpoint `ck` is gone is dropped from the deadlines (KEYS[1]) instead.
+_ADOPT_ONE = """
+local function adopt(out, sid, lk, ck, lease, ttl)
+  local cp = redis.call('GET', ck)
+  if not cp then
+    redis.call('ZREM', KEYS[1], sid)
+    return
+  end
+  local owner = lease[1]
+  local epoch = tonumber(lease[2] or '0') + 1
+  redis.call('HSET', lk, 'o', ARGV[1], 'e', epoch)
+  redis.call('PEXPIRE', lk, ttl)
+  out[#out + 1] = sid
+  out[#out + 1] = epoch
+  out[#out + 1] = cp
+  if not owner then out[#out + 1] = 'new' elseif owner == '' then out[#out + 1] = 'released'
+  else out[#out + 1] = 'takeover' end
+end
+"""
+ADOPT_ORPHANS = _ADOPT_ONE + """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[3], 'LIMIT', ARGV[7], ARGV[4])
 local mine = {}
@@ -303,27 +400,15 @@ local out = {0, #due, mine}
 local want = tonumber(ARGV[5])
 for _, sid in ipairs(due) do
   out[1] = out[1] + 1
-  local lk = ARGV[2] .. 's:' .. sid .. ':lease'
+  local lk = ARGV[8] .. sid .. ':lease'
   local lease = redis.call('HMGET', lk, 'o', 'e')
   local owner = lease[1]
   if owner == ARGV[1] then
     mine[#mine + 1] = sid
   elseif not owner or owner == '' or
-     (owner ~= ARGV[1] and redis.call('EXISTS', ARGV[2] .. 'i:' .. owner .. ':alive') == 0) then
-    local cp = redis.call('GET', ARGV[2] .. 's:' .. sid .. ':cp')
-    if not cp then
-      redis.call('ZREM', KEYS[1], sid)
-    else
-      local epoch = tonumber(lease[2] or '0') + 1
-      redis.call('HSET', lk, 'o', ARGV[1], 'e', epoch)
-      redis.call('PEXPIRE', lk, ARGV[6])
-      out[#out + 1] = sid
-      out[#out + 1] = epoch
-      out[#out + 1] = cp
-      if not owner then out[#out + 1] = 'new' elseif owner == '' then out[#out + 1] = 'released'
-      else out[#out + 1] = 'takeover' end
-      if #out >= want * 4 + 3 then break end
-    end
+     (owner ~= ARGV[1] and redis.call('EXISTS', ARGV[2] .. 'i:{' .. owner .. '}:alive') == 0) then
+    adopt(out, sid, lk, ARGV[8] .. sid .. ':cp', lease, ARGV[6])
+    if #out >= want * 4 + 3 then break end
   end
 end
 return out
@@ -377,9 +462,116 @@ return items
 """
 
 
-_WRITE_KEYS = 5  # KEYS of FENCED_WRITE
-# Positions in `fenced_write_argv` output (KEYS then ARGV) of what is published: ARGV[5] message
-# on ARGV[6] channel, ARGV[10] answer on ARGV[9] reply channel (ARGV[11], the version, follows).
+# --- scripts of a Redis Cluster ---------------------------------------------------------------------
+# On a cluster a script may only touch keys of one slot. The scripts above that also reach an
+# instance's keys (claim-or-forward, hand-off, adoption, join, list) are split into a step in the
+# session's partition slot and a step in the instance's slot; docs/scaling.md argues why the
+# split keeps one owner per session.
+
+# --- claim (cluster: the session's slot) ----------------------------------------------------------
+# KEYS[1] lease(sid), KEYS[2] checkpoint(sid)
+# ARGV[1] my incarnation, ARGV[2] may_claim "1"/"0", ARGV[3] lease TTL ms,
+# ARGV[4] claim on behalf of this incarnation instead ("" = me; a draining instance's successor),
+# ARGV[5] an owner the caller found dead ("" = none): its lease may be taken over
+# Returns {1, epoch, checkpoint|nil, reason} claimed for me, {7, incarnation, epoch} claimed for
+# ARGV[4], {6, owner} another incarnation holds it (the caller asks its liveness key: FORWARD),
+# {4} nobody owns it and may_claim is "0", {5} the lease names me and may_claim is "0".
+CLAIM = """
+local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
+local owner = lease[1]
+local epoch = tonumber(lease[2] or '0')
+local reason = 'new'
+if owner and owner ~= '' then
+  if owner == ARGV[1] then
+    if ARGV[2] ~= '1' then return {5} end
+    reason = 'self'
+  elseif owner == ARGV[5] then
+    reason = 'takeover'
+  else
+    return {6, owner}
+  end
+elseif owner == '' then
+  reason = 'released'
+end
+if ARGV[2] ~= '1' then return {4} end
+epoch = epoch + 1
+local new_owner = ARGV[1]
+if ARGV[4] ~= '' then new_owner = ARGV[4] end
+redis.call('HSET', KEYS[1], 'o', new_owner, 'e', epoch)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if new_owner ~= ARGV[1] then return {7, new_owner, epoch} end
+return {1, epoch, redis.call('GET', KEYS[2]), reason}
+"""
+
+# --- forward (cluster: the receiving instance's slot) ---------------------------------------------
+# KEYS[1] its liveness key, KEYS[2] its inbox, KEYS[3] its popped list
+# ARGV[1] payload ("" = only ask whether it lives), ARGV[2] inbox TTL ms, ARGV[3] POPPED_KEEP
+# Returns the ms its liveness key has left (the payload RPUSHed onto its inbox), or -1 when the
+# incarnation is dead (nothing pushed; a dead incarnation never comes back).
+FORWARD = """
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl < 0 then return -1 end
+if ARGV[1] ~= '' then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+  redis.call('PEXPIRE', KEYS[3], ARGV[2])
+end
+return pttl
+"""
+
+# --- give the lease (cluster hand-off, the session's slot) ---------------------------------------
+# KEYS[1] lease(sid)
+# ARGV[1] my incarnation, ARGV[2] my epoch, ARGV[3] target incarnation
+# If the lease is still mine, it names the target (epoch + 1): returns 1, else 0. The activation
+# message then goes onto the target's inbox with FORWARD (a dead target's leases are taken over).
+GIVE = """
+local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
+if lease[1] ~= ARGV[1] or lease[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'o', ARGV[3], 'e', tonumber(lease[2]) + 1)
+return 1
+"""
+
+# --- adopt due sessions (cluster sweeper, one partition's slot) -----------------------------------
+# KEYS[1] the partition's deadlines zset, then lease(sid), checkpoint(sid) of each due session
+# ARGV[1] my incarnation, ARGV[2] how many to adopt at most, ARGV[3] lease TTL ms,
+# ARGV[4] n = number of sessions, ARGV[5 .. 4 + n] their ids (in KEYS order), then the
+# incarnations the caller found dead
+# Like ADOPT_ORPHANS, without reading liveness keys (other slots): a session is adopted when its
+# lease is released or names a dead incarnation. Returns {checked, {my sid, ...}, {owner whose
+# liveness the caller should look at, ...}, sid1, epoch1, checkpoint1, reason1, sid2, ...}.
+ADOPT_DUE = _ADOPT_ONE + """
+local n = tonumber(ARGV[4])
+local dead = {}
+for i = 5 + n, #ARGV do dead[ARGV[i]] = true end
+local mine, unknown, seen = {}, {}, {}
+local out = {0, mine, unknown}
+local want = tonumber(ARGV[2])
+for i = 1, n do
+  local sid, lk, ck = ARGV[4 + i], KEYS[2 * i], KEYS[2 * i + 1]
+  out[1] = i
+  local lease = redis.call('HMGET', lk, 'o', 'e')
+  local owner = lease[1]
+  if owner == ARGV[1] then
+    mine[#mine + 1] = sid
+  elseif owner and owner ~= '' and not dead[owner] then
+    if not seen[owner] then
+      seen[owner] = true
+      unknown[#unknown + 1] = owner
+    end
+  else
+    adopt(out, sid, lk, ck, lease, ARGV[3])
+    if #out >= want * 4 + 3 then break end
+  end
+end
+return out
+"""
+
+
+_WRITE_KEYS = 5  # KEYS of FENCED_WRITE on one Redis (4 on a cluster: no liveness key)
+# Positions in `fenced_write_argv` output (KEYS then ARGV, one Redis) of what is published: ARGV[5]
+# message on ARGV[6] channel, ARGV[10] answer on ARGV[9] reply channel (ARGV[11], the version,
+# follows). Only used with KAIROS_REDIS_MIN_REPLICAS_ACK, which a cluster does not take.
 _MESSAGE, _CHANNEL, _REPLY_CHANNEL, _ANSWER = 9, 10, 13, 14
 
 # How long a write waits for KAIROS_REDIS_MIN_REPLICAS_ACK replicas (WAIT) before it is answered
@@ -405,11 +597,20 @@ class Scripts:
     def __init__(self, redis: redis.asyncio.Redis, keys: Keys, *, min_replicas_ack: int = 0) -> None:
         self.redis = redis
         self.keys = keys
+        # A Redis Cluster: every script keeps to one slot; steps that reach another slot (an
+        # instance's liveness key or inbox) are separate calls (see the cluster scripts above).
+        self.cluster = is_cluster(redis)
+        if self.cluster and min_replicas_ack:
+            raise ValueError("min_replicas_ack is not supported on a Redis Cluster")
+        self._write_keys = 4 if self.cluster else _WRITE_KEYS
         # >= 1: writes and claims count only once that many replicas have them (WAIT, pipelined
         # with the script: same round trip), and nothing is published before that.
         self.min_replicas_ack = min_replicas_ack
-        self._slots = max(1, getattr(redis.connection_pool, "max_connections", 100) - _RESERVED_CONNECTIONS)
+        self._slots = max(1, connection_kwargs(redis).get("max_connections", 100) - _RESERVED_CONNECTIONS)
         self._limiter: anyio.CapacityLimiter | None = None
+        # Incarnations seen dead (liveness key gone: never comes back): on a cluster their leases
+        # are taken over without asking again.
+        self.dead: set[str] = set()
         self._join = redis.register_script(JOIN)
         self._list = redis.register_script(LIST_INSTANCES)
         self._claim = redis.register_script(CLAIM_OR_FORWARD)
@@ -420,6 +621,10 @@ class Scripts:
         self._hand_off = redis.register_script(HAND_OFF)
         self._pop = redis.register_script(POP_INBOX)
         self._count = redis.register_script(COUNT_REQUEST)
+        self._claim_in_slot = redis.register_script(CLAIM)
+        self._forward = redis.register_script(FORWARD)
+        self._give = redis.register_script(GIVE)
+        self._adopt_due = redis.register_script(ADOPT_DUE)
         self._reader: redis.asyncio.Redis | None = None  # see _inbox_reader
         self._unsure: dict[str, int] = {}  # incarnation -> entries its last (failed) read asked for
 
@@ -428,6 +633,13 @@ class Scripts:
         would move the next entry and forget the one whose reply was lost); a failed read is
         followed by a re-read of the popped list instead."""
         if self._reader is None:
+            if self.cluster:
+                self._reader = RedisCluster(
+                    startup_nodes=[ClusterNode(n.host, n.port) for n in self.redis.get_nodes()]
+                    or list(self.redis.nodes_manager.startup_nodes.values()),
+                    retry=Retry(NoBackoff(), 0), max_connections=2,
+                    **{k: v for k, v in self.redis.connection_kwargs.items() if k in _READER_OPTIONS})
+                return self._reader
             pool = self.redis.connection_pool
             self._reader = redis_asyncio.Redis(connection_pool=redis_asyncio.ConnectionPool(
                 connection_class=pool.connection_class, max_connections=2,
@@ -457,10 +669,25 @@ class Scripts:
         finally:
             limiter.release()
 
+    async def do_check_layout(self) -> None:
+        """Record the partition count in Redis at the first start; refuse another one later
+        (instances that disagreed would spell a session's keys differently: two owners)."""
+        k = self.keys
+        await self.redis.set(k.layout, k.partitions, nx=True)
+        recorded = int(await self.redis.get(k.layout) or k.partitions)
+        if recorded != k.partitions:
+            raise ValueError(f"Redis holds data for {recorded} partitions under prefix {k.prefix!r}; "
+                             f"this instance was started with {k.partitions} (KAIROS_REDIS_PARTITIONS)")
+
     # membership
     async def do_join(self, incarnation: str, info: bytes, ttl_ms: int) -> bool:
         """Create my liveness key (never overwrites) and list me among the instances."""
         k = self.keys
+        if self.cluster:  # two slots: the liveness key first (what the others go by), then the set
+            if not await self.redis.set(k.liveness(incarnation), info, px=ttl_ms, nx=True):
+                return False
+            await self.redis.sadd(k.instances, incarnation)
+            return True
         return bool(await self._join(keys=[k.liveness(incarnation), k.instances], args=[incarnation, info, ttl_ms]))
 
     async def do_renew(self, incarnation: str, info: bytes, ttl_ms: int) -> bool:
@@ -473,14 +700,37 @@ class Scripts:
 
     async def do_list_instances(self) -> list[bytes]:
         """Info JSON of every live instance."""
-        return list(await self._list(keys=[self.keys.instances], args=[self.keys.prefix]))
+        k = self.keys
+        if not self.cluster:
+            return list(await self._list(keys=[k.instances], args=[k.prefix]))
+        members = [m.decode() for m in await self.redis.smembers(k.instances)]
+        pipe = self.redis.pipeline(transaction=False)
+        for inc in members:
+            pipe.get(k.liveness(inc))
+        infos = await pipe.execute() if members else []
+        gone = [inc for inc, info in zip(members, infos, strict=True) if info is None]
+        if gone:
+            for inc in gone:
+                self._remember_dead(inc)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.srem(k.instances, *gone)
+            for inc in gone:
+                pipe.delete(k.inbox_popped(inc))
+            await pipe.execute()
+        return [info for info in infos if info is not None]
 
     # leases and checkpoints
     async def do_claim_or_forward(
         self, incarnation: str, session_id: str, *, may_claim: bool, payload: bytes = b"",
-        claim_for: str = "",
+        claim_for: str = "", owner_hint: str = "",
     ) -> list[Any]:
-        """See CLAIM_OR_FORWARD for the reply shapes."""
+        """See CLAIM_OR_FORWARD for the reply shapes. `owner_hint` (the owner last seen): on a
+        cluster the payload goes straight to its inbox, one round trip (the owner answers MOVED
+        if it no longer owns the session)."""
+        if self.cluster:
+            async with self._connection_slot():
+                return await self._claim_or_forward_cluster(
+                    incarnation, session_id, may_claim, payload, claim_for, owner_hint)
         k = self.keys
         keys = [k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id)]
         args = [incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS, claim_for,
@@ -494,6 +744,51 @@ class Scripts:
                 await self._release(keys=keys[:1], args=[incarnation, answer[1]])
                 raise ReplicationTimeout(f"claim of {session_id} reached {acked} replicas")
             return answer
+
+    async def _claim_or_forward_cluster(
+        self, incarnation: str, session_id: str, may_claim: bool, payload: bytes, claim_for: str, owner_hint: str,
+    ) -> list[Any]:
+        """CLAIM_OR_FORWARD in two slots: the lease (CLAIM), then the owner's liveness key and
+        inbox (FORWARD); a dead owner's lease is then taken over by CLAIM with its name."""
+        if owner_hint and payload and not may_claim and owner_hint not in self.dead:
+            pttl = await self._forward_to(owner_hint, payload)
+            if pttl >= 0:
+                return [2, owner_hint.encode(), pttl]
+        k = self.keys
+        dead = ""
+        for _attempt in range(3):  # a dead owner is taken over on the next attempt
+            answer = await self._claim_in_slot(
+                keys=[k.lease(session_id), k.checkpoint(session_id)],
+                args=[incarnation, "1" if may_claim else "0", CHECKPOINT_TTL_MS, claim_for, dead])
+            if answer[0] == 7:  # claimed for our successor: the command goes to it
+                if not payload:
+                    return [4]
+                pttl = await self._forward_to(claim_for, payload)
+                return [2, answer[1], pttl] if pttl >= 0 else [4]
+            if answer[0] != 6:
+                return list(answer)
+            owner = answer[1].decode()
+            pttl = -1 if owner in self.dead else await self._forward_to(owner, payload)
+            if pttl >= 0:
+                return [2 if payload else 3, answer[1], pttl]
+            dead = owner
+        return [4]
+
+    async def _forward_to(self, incarnation: str, payload: bytes) -> int:
+        """FORWARD: push `payload` onto a live incarnation's inbox (b"": only ask); the ms its
+        liveness key has left, -1 if it is dead (remembered)."""
+        k = self.keys
+        pttl = int(await self._forward(
+            keys=[k.liveness(incarnation), k.inbox(incarnation), k.inbox_popped(incarnation)],
+            args=[payload, INBOX_TTL_MS, POPPED_KEEP]))
+        if pttl < 0:
+            self._remember_dead(incarnation)
+        return pttl
+
+    def _remember_dead(self, incarnation: str) -> None:
+        if len(self.dead) >= _MAX_DEAD:  # forgetting is safe: it is only asked again
+            self.dead.clear()
+        self.dead.add(incarnation)
 
     async def _replicated(self, script: Any, keys: list[Any], args: list[Any]) -> tuple[Any, int]:
         """One script call and WAIT in one round trip: (its answer, replicas that confirmed it)."""
@@ -515,9 +810,8 @@ class Scripts:
         deadline_ms: int | None, reply: tuple[str, bytes] | None = None, *, version: int | None = None,
     ) -> tuple[Any, ...]:
         """KEYS then ARGV of one FENCED_WRITE (for `do_fenced_write` / `do_fenced_writes`)."""
-        k = self.keys
-        return (k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines,
-                incarnation, epoch, checkpoint, CHECKPOINT_TTL_MS, message, k.channel(session_id),
+        return (*self._session_keys(incarnation, session_id),
+                incarnation, epoch, checkpoint, CHECKPOINT_TTL_MS, message, self.keys.channel(session_id),
                 session_id, "" if deadline_ms is None else deadline_ms,
                 *(reply if reply is not None else ("", "")), "" if version is None else version)
 
@@ -539,7 +833,7 @@ class Scripts:
                 raise result
             return int(result)
         async with self._connection_slot():
-            return await self._write(keys=argv[:_WRITE_KEYS], args=argv[_WRITE_KEYS:])
+            return await self._write(keys=argv[:self._write_keys], args=argv[self._write_keys:])
 
     async def do_fenced_writes(self, batch: list[tuple[Any, ...]]) -> list[Any]:
         """Several FENCED_WRITEs in one round trip (pipelined, each still its own atomic script):
@@ -555,7 +849,7 @@ class Scripts:
             for _attempt in range(2):
                 pipe = self.redis.pipeline(transaction=False)
                 for i in todo:
-                    pipe.evalsha(self._write.sha, _WRITE_KEYS, *batch[i])
+                    pipe.evalsha(self._write.sha, self._write_keys, *batch[i])
                 if replicas:
                     pipe.execute_command("WAIT", replicas, REPLICA_WAIT_MS)
                 answers = await pipe.execute(raise_on_error=False)
@@ -590,11 +884,20 @@ class Scripts:
         if len(pipe):
             await pipe.execute()
 
+    def _session_keys(self, incarnation: str, session_id: str) -> list[str]:
+        """KEYS of FENCED_WRITE / FENCED_DELETE (my liveness key only on one Redis)."""
+        k = self.keys
+        p = k.partition(session_id)
+        keys = [k.lease(session_id), k.checkpoint(session_id), k.outbox_of(p), k.deadlines_of(p)]
+        if not self.cluster:
+            keys.append(k.liveness(incarnation))
+        return keys
+
     async def do_fenced_delete(self, incarnation: str, epoch: int, session_id: str, message: bytes) -> int:
         """Delete checkpoint, release lease, outbox + publish the deletion: 1 / 2 (already deleted) /
         0 / -1."""
         k = self.keys
-        keys = [k.lease(session_id), k.liveness(incarnation), k.checkpoint(session_id), k.outbox, k.deadlines]
+        keys = self._session_keys(incarnation, session_id)
         async with self._connection_slot():
             if not self.min_replicas_ack:
                 return await self._delete(keys=keys, args=[incarnation, epoch, message, k.channel(session_id), session_id])
@@ -616,14 +919,17 @@ class Scripts:
             return await self.redis.get(self.keys.checkpoint(session_id))
 
     async def do_adopt_orphans(
-        self, incarnation: str, *, until_ms: int, scan: int, batch: int, offset: int = 0
+        self, incarnation: str, *, until_ms: int, scan: int, batch: int, offset: int = 0, partition: int = 0,
     ) -> tuple[int, int, list[tuple[str, int, bytes, str]], list[str]] | None:
-        """Claim orphaned sessions due before `until_ms`, looking at `scan` entries from `offset`:
-        (entries checked, entries fetched, [(sid, epoch, checkpoint, reason)] claimed, [sid] whose
-        lease names me already), None if I am not alive."""
+        """Claim orphaned sessions of `partition` due before `until_ms`, looking at `scan` entries
+        from `offset`: (entries checked, entries fetched, [(sid, epoch, checkpoint, reason)]
+        claimed, [sid] whose lease names me already), None if I am not alive."""
         k = self.keys
-        keys = [k.deadlines, k.liveness(incarnation)]
-        args = [incarnation, k.prefix, until_ms, scan, batch, CHECKPOINT_TTL_MS, offset]
+        if self.cluster:
+            async with self._connection_slot():
+                return await self._adopt_cluster(incarnation, until_ms, scan, batch, offset, partition)
+        keys = [k.deadlines_of(partition), k.liveness(incarnation)]
+        args = [incarnation, k.prefix, until_ms, scan, batch, CHECKPOINT_TTL_MS, offset, k.session_prefix(partition)]
         async with self._connection_slot():
             if self.min_replicas_ack:
                 flat, acked = await self._replicated(self._adopt, keys, args)
@@ -640,9 +946,57 @@ class Scripts:
             raise ReplicationTimeout(f"adoption of {len(found)} sessions reached {acked} replicas")
         return int(flat[0]), int(flat[1]), found, [sid.decode() for sid in flat[2]]
 
+    async def _adopt_cluster(
+        self, incarnation: str, until_ms: int, scan: int, batch: int, offset: int, partition: int,
+    ) -> tuple[int, int, list[tuple[str, int, bytes, str]], list[str]]:
+        """ADOPT_ORPHANS on a cluster: the due entries (ZRANGEBYSCORE), ADOPT_DUE with their keys
+        declared; owners it could not judge are looked up (their liveness keys, other slots) and,
+        if some are dead, ADOPT_DUE runs again with them named."""
+        k = self.keys
+        due = [sid.decode() for sid in await self.redis.zrangebyscore(
+            k.deadlines_of(partition), "-inf", until_ms, start=offset, num=scan)]
+        if not due:
+            return 0, 0, [], []
+
+        async def adopt(sids: list[str], dead: list[str], want: int) -> list[Any]:
+            keys = [k.deadlines_of(partition)]
+            for sid in sids:
+                keys += [k.lease(sid), k.checkpoint(sid)]
+            return list(await self._adopt_due(keys=keys, args=[incarnation, want, CHECKPOINT_TTL_MS, len(sids),
+                                                                *sids, *dead]))
+
+        def claimed(flat: list[Any]) -> list[tuple[str, int, bytes, str]]:
+            return [(flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3].decode())
+                    for i in range(3, len(flat), 4)]
+
+        flat = await adopt(due, [], batch)
+        checked, found, mine = int(flat[0]), claimed(flat), [sid.decode() for sid in flat[1]]
+        unknown = [owner.decode() for owner in flat[2]]
+        if unknown and len(found) < batch:
+            ask = [owner for owner in unknown if owner not in self.dead]
+            if ask:
+                pipe = self.redis.pipeline(transaction=False)
+                for owner in ask:
+                    pipe.exists(k.liveness(owner))
+                for owner, alive in zip(ask, await pipe.execute(), strict=True):
+                    if not alive:
+                        self._remember_dead(owner)
+            dead = [owner for owner in unknown if owner in self.dead]
+            if dead:  # again, naming them, for the entries the first pass left to their owners
+                done = {sid for sid, *_ in found} | set(mine)
+                rest = [sid for sid in due[:checked] if sid not in done]
+                found += claimed(await adopt(rest, dead, batch - len(found)))
+        return checked, len(due), found, mine
+
     async def do_hand_off(self, incarnation: str, epoch: int, session_id: str, target: str, message: bytes) -> int:
         """Give my lease to `target` and queue `message` (activate now) on its inbox: 1 / 2 / 0."""
         k = self.keys
+        if self.cluster:
+            async with self._connection_slot():
+                if not await self._give(keys=[k.lease(session_id)], args=[incarnation, epoch, target]):
+                    return 0
+                # A dead target: its leases are taken over (sweeper, next command).
+                return 1 if await self._forward_to(target, message) >= 0 else 2
         async with self._connection_slot():
             return int(await self._hand_off(
                 keys=[k.lease(session_id), k.inbox(target), k.liveness(target)],

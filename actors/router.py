@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 import msgpack
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.actor import Lease, Moved, Reply, ReplyTo
+from actors.connection import UNAVAILABLE
 from actors.metrics import COMMANDS_RETRIED
 from kairos import codec
 from kairos.commands import (
@@ -156,7 +155,8 @@ class Router:
                                                  "c": encode_command(command)})
                         self._waiting[rid] = _Waiter()
                     if forward and session_id in self._hints:
-                        r = await host.scripts.do_claim_or_forward(inc, session_id, may_claim=False, payload=payload)
+                        r = await host.scripts.do_claim_or_forward(inc, session_id, may_claim=False, payload=payload,
+                                                                   owner_hint=self._hints[session_id])
                     else:
                         async with host.claim_lock(session_id):
                             if host.local_actor(session_id) is not None:
@@ -192,8 +192,9 @@ class Router:
                             if not forward:
                                 raise Moved(session_id)
                             await anyio.sleep(0.01)
-                except (RedisConnectionError, RedisTimeoutError) as e:
-                    # Redis unreachable: keep trying until the deadline, then 503 (never a 500)
+                except UNAVAILABLE as e:
+                    # Redis unreachable (or a cluster slot moving): keep trying until the deadline,
+                    # then 503 (never a 500)
                     log.warning("routing %s failed: %r", session_id, e)
                     await anyio.sleep(0.05)
         finally:
@@ -358,7 +359,7 @@ class Router:
 
     async def run_replies(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver answers published on our reply channel to the asks waiting for them."""
-        pubsub = self.host.redis.pubsub()
+        pubsub = self.host.pubsub_redis.pubsub()
         await pubsub.subscribe(self.reply_channel)
         task_status.started()
         lost = False

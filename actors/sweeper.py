@@ -1,8 +1,9 @@
 """Orphan adoption: running sessions whose owner died (or passivated them) still expire on time.
 
-Every host sweeps the sorted set of next deadlines every ~TTL/4 (jittered, so N instances do not
-sweep in lock-step) and adopts, in one script call, up to `batch` sessions due within the horizon
-whose lease is released or whose owner's liveness key is gone. The adopted actor arms its timer
+Every host sweeps the sorted sets of next deadlines (one per partition) every ~TTL/4 (jittered,
+so N instances do not sweep in lock-step) and adopts, in one script call per partition (on a
+cluster: a few, see docs/scaling.md), up to `batch` sessions due within the horizon whose lease is
+released or whose owner's liveness key is gone. The adopted actor arms its timer
 at the session's deadline like any other, so a flag falls within about one TTL of its time.
 Sessions due soon whose lease names this host but which have no actor here (it closed on a failed
 write) are re-activated the same way, so their deadline is applied once Redis answers again.
@@ -35,16 +36,24 @@ class Sweeper:
         self.scan = scan
         self.batch = batch
         self.adopted = 0  # total, for metrics and tests
-        self._offset = 0
+        self._offsets = [0] * host.keys.partitions
 
     async def sweep_once(self) -> int:
-        """One pass; returns how many sessions were adopted."""
+        """One pass over every partition; returns how many sessions were adopted (the most of
+        one partition: a full batch there sweeps again at once)."""
+        most = 0
+        for partition in range(len(self._offsets)):
+            most = max(most, await self._sweep_partition(partition))
+        return most
+
+    async def _sweep_partition(self, partition: int) -> int:
         host = self.host
         if not host.claiming:
             return 0
         inc = host.membership.incarnation
         answer = await host.scripts.do_adopt_orphans(
-            inc, until_ms=host.clock() + self.horizon_ms, scan=self.scan, batch=self.batch, offset=self._offset)
+            inc, until_ms=host.clock() + self.horizon_ms, scan=self.scan, batch=self.batch,
+            offset=self._offsets[partition], partition=partition)
         if answer is None:
             await host.membership.lost(inc)
             return 0
@@ -52,7 +61,7 @@ class Sweeper:
         # Many sessions due soon (mostly owned by live instances): page through them over sweeps;
         # back to the start once the end of the due entries was reached.
         reached_end = fetched < self.scan and checked == fetched
-        self._offset = 0 if reached_end else self._offset + checked
+        self._offsets[partition] = 0 if reached_end else self._offsets[partition] + checked
         for sid, epoch, checkpoint, reason in found:
             host.activate(sid, Lease(inc, epoch), checkpoint, reason)
         if found:

@@ -22,7 +22,7 @@ from quart import Quart, Response
 from quart_schema import QuartSchema
 
 from actors.clock import ClusterClock, local_ns
-from actors.connection import open_redis
+from actors.connection import open_pubsub, open_redis
 from actors.fanout import FanOut
 from actors.outbox.audit import AuditServices
 from web import apidocs, hygiene, metrics
@@ -220,13 +220,14 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
             clock=clock,
             clock_synced=clock.synced,
             min_replicas_ack=s.redis_min_replicas_ack,
+            partitions=s.partitions,
         )
     )
     svc.limiter.shared = svc.host.scripts.do_count_request  # one limit for all instances
     metrics.track_actors(svc.host.actor_count)
     # Its own client: the pub/sub connection is named after the instance (CLIENT LIST shows whose
     # it is), and after a reconnect every watched session's sockets are re-synced.
-    fanout_redis = open_redis(s.redis_url, client_name=f"kairos-fanout:{svc.instance_id}")
+    fanout_redis = open_pubsub(s.redis_url, client_name=f"kairos-fanout:{svc.instance_id}")
     stack.push_async_callback(fanout_redis.aclose)
     svc.fanout = await stack.enter_async_context(
         FanOut(fanout_redis, key_prefix=s.key_prefix, on_gap=svc.relays.resync))
@@ -240,6 +241,7 @@ async def _open_audit(svc: Services, stack: AsyncExitStack) -> AuditServices:
         key_prefix=s.key_prefix,
         database_url=s.database_url,
         consumer=svc.instance_id,
+        partitions=s.partitions,
         fcm_credentials=s.fcm_credentials,
         fcm_endpoint=s.fcm_endpoint,
         migrate=s.migrate_on_start,

@@ -26,7 +26,16 @@ from redis.exceptions import RedisError
 
 from actors.keys import AUDIT_GROUP, PUSH_GROUP, Keys
 from actors.outbox import migrations
-from actors.outbox.consumer import Backoff, Entry, Lag, OutboxConsumer
+from actors.outbox.consumer import (
+    Backoff,
+    Entry,
+    Lag,
+    OutboxConsumer,
+    combined_lag,
+    consumers,
+    keep_entries,
+    start_readers,
+)
 from kairos.errors import DeviceTokenTaken, Unavailable
 
 if TYPE_CHECKING:
@@ -205,10 +214,10 @@ class AuditWorker:
         self.consumer_gc_ms = consumer_gc_ms
         self.abandoned_push_ms = abandoned_push_ms
         self._next_gc = 0.0
-        self.outbox = OutboxConsumer(
-            redis, keys, AUDIT_GROUP, consumer, start_id="0", batch_size=batch_size,
-            block_ms=block_ms, claim_idle_ms=claim_idle_ms, parse=False,
-        )
+        # One consumer per outbox partition, read concurrently; `outbox` is partition 0's.
+        self.outboxes = consumers(redis, keys, AUDIT_GROUP, consumer, start_id="0", batch_size=batch_size,
+                                  block_ms=block_ms, claim_idle_ms=claim_idle_ms, parse=False)
+        self.outbox = self.outboxes[0]
         self.database_url = database_url
         self.migrate = migrate
         self.housekeeping_s = housekeeping_s
@@ -223,26 +232,22 @@ class AuditWorker:
     async def run(self) -> None:
         """Consume forever (until cancelled); never raises on Redis or PostgreSQL outages.
 
-        The next batch is read from Redis while the current one is written to PostgreSQL.
+        The next batch is read from Redis while the current one is written to PostgreSQL (one
+        reader per outbox partition).
         """
-        send, receive = anyio.create_memory_object_stream[list[Entry]](1)
+        send, receive = anyio.create_memory_object_stream[tuple[OutboxConsumer, list[Entry]]](1)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read_ahead, send)
+                start_readers(tg, self.outboxes, self.backoff_cap_s, send)
                 async with receive:
-                    async for batch in receive:
+                    async for outbox, batch in receive:
                         if batch:
                             await self._store(batch)
-                            await self.outbox.ack([e.id for e in batch])
+                            await outbox.ack([e.id for e in batch])
                         await self._housekeeping()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close_connection()
-
-    async def _read_ahead(self, send: anyio.abc.ObjectSendStream[list[Entry]]) -> None:
-        async with send:
-            async for batch in self.outbox.batches(self.backoff_cap_s):
-                await send.send(batch)
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
@@ -301,7 +306,7 @@ class AuditWorker:
         if backoff.attempt == 0:
             log.warning("audit: PostgreSQL unavailable, retrying with backoff: %r", error)
         await self._close_connection()
-        await self.outbox.keep([e.id for e in entries])
+        await keep_entries(self.outboxes, entries)
         await self._housekeeping()  # keeps the lag gauges moving while we wait
         await backoff.wait()
 
@@ -330,7 +335,7 @@ class AuditWorker:
         while True:
             try:
                 conn = await self._connection()
-                await conn.execute(_INSERT_DEAD_LETTER, entry.id, _session_of(entry), entry.blob, error)
+                await conn.execute(_INSERT_DEAD_LETTER, entry.name, _session_of(entry), entry.blob, error)
             except Exception as e:
                 if _transient(e):
                     await self._retry_later([entry], backoff, e)
@@ -349,26 +354,28 @@ class AuditWorker:
             return
         self._next_housekeeping = now + self.housekeeping_s
         try:
-            trimmed = await self.outbox.trim(lossy={PUSH_GROUP: self.abandoned_push_ms})
-            OUTBOX_TRIMMED.inc(trimmed)
-            lag = await self.outbox.lag()
+            for outbox in self.outboxes:
+                OUTBOX_TRIMMED.inc(await outbox.trim(lossy={PUSH_GROUP: self.abandoned_push_ms}))
+            lag = await combined_lag(self.outboxes)
             if now >= self._next_gc:
                 self._next_gc = now + max(1.0, self.consumer_gc_ms / 10_000)
-                for name in await self.outbox.forget_idle_consumers(self.consumer_gc_ms):
-                    log.info("audit: removed idle consumer %s (no pending entries)", name)
+                for outbox in self.outboxes:
+                    for name in await outbox.forget_idle_consumers(self.consumer_gc_ms):
+                        log.info("audit: removed idle consumer %s (no pending entries)", name)
         except (RedisError, OSError) as e:
             log.warning("audit: housekeeping failed: %s", e)
             return
         AUDIT_PENDING.set(lag.pending)
         AUDIT_LAG.set(lag.oldest_age_ms / 1000)
-        fresh = self.outbox.reclaimed - self._reported_reclaimed
+        reclaimed = sum(outbox.reclaimed for outbox in self.outboxes)
+        fresh = reclaimed - self._reported_reclaimed
         if fresh:
             OUTBOX_RECLAIMED.labels(AUDIT_GROUP).inc(fresh)
-            self._reported_reclaimed = self.outbox.reclaimed
+            self._reported_reclaimed = reclaimed
 
     async def lag(self) -> Lag:
-        """The audit group's current lag."""
-        return await self.outbox.lag()
+        """The audit group's current lag (over every partition)."""
+        return await combined_lag(self.outboxes)
 
 
 class AuditServices:
@@ -382,6 +389,7 @@ class AuditServices:
         key_prefix: str,
         database_url: str,
         consumer: str,
+        partitions: int = 1,
         fcm_credentials: str | None = None,
         fcm_endpoint: str | None = None,
         migrate: bool = True,
@@ -391,7 +399,7 @@ class AuditServices:
         backoff_cap_s: float = 2.0,
     ) -> None:
         self.redis = redis
-        self.keys = Keys(key_prefix)
+        self.keys = Keys(key_prefix, partitions)
         self.database_url = database_url
         self.consumer = consumer
         self.fcm_credentials = fcm_credentials

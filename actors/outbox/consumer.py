@@ -1,4 +1,8 @@
-"""One consumer of one consumer group on the outbox stream, shared by the audit and push workers.
+"""One consumer of one consumer group on an outbox stream, shared by the audit and push workers.
+
+The outbox is one stream per partition (`Keys.outbox_of`, one on a single Redis by default): a
+worker runs one `OutboxConsumer` per partition (`consumers()`), reads them concurrently and reports
+their lag together (`combined_lag`).
 
 At-least-once delivery: an entry is acknowledged only after its work is done; entries left pending
 by a dead consumer are reclaimed with XAUTOCLAIM once idle for `claim_idle_ms`; a live consumer
@@ -33,6 +37,12 @@ class Entry:
     message: dict[str, Any] | None
     raw: str | None = None  # the message's JSON text (None when unreadable)
     blob: bytes | None = None  # the `m` field byte for byte (None when absent), for dead letters
+    partition: int = 0  # whose outbox stream it came from
+
+    @property
+    def name(self) -> str:
+        """Unique over all partitions: the stream id, after `partition/` past partition 0."""
+        return f"{self.partition}/{self.id}" if self.partition else self.id
 
 
 @dataclass(slots=True)
@@ -125,10 +135,12 @@ class OutboxConsumer:
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
         parse: bool = True,
+        partition: int = 0,
     ) -> None:
         self.redis = redis
         self.parse = parse
-        self.stream = keys.outbox
+        self.partition = partition
+        self.stream = keys.outbox_of(partition)
         self.group = group
         self.consumer = consumer
         self.start_id = start_id
@@ -180,8 +192,13 @@ class OutboxConsumer:
         )
         out: list[Entry] = []
         for _stream, items in reply or []:
-            out.extend(decode_entry(eid, fields, self.parse) for eid, fields in items)
+            out.extend(self._entry(eid, fields) for eid, fields in items)
         return out
+
+    def _entry(self, entry_id: Any, fields: dict | None) -> Entry:
+        entry = decode_entry(entry_id, fields, self.parse)
+        entry.partition = self.partition
+        return entry
 
     async def _autoclaim(self) -> list[Entry]:
         reply = await self.redis.xautoclaim(
@@ -194,7 +211,7 @@ class OutboxConsumer:
         )
         cursor, items = _s(reply[0]), reply[1]
         self._claim_cursor = cursor
-        entries = [decode_entry(eid, fields, self.parse) for eid, fields in items]
+        entries = [self._entry(eid, fields) for eid, fields in items]
         if entries:
             self.reclaimed += len(entries)
             log.info("outbox %s: reclaimed %d idle entries", self.group, len(entries))
@@ -315,3 +332,42 @@ class OutboxConsumer:
             return Lag(pending, None, 0)
         oldest_id = _s(oldest[0][0])
         return Lag(pending, oldest_id, max(0, int(time.time() * 1000) - _id_ms(oldest_id)))
+
+
+def consumers(redis: aioredis.Redis, keys: Keys, group: str, consumer: str, **options: Any) -> list[OutboxConsumer]:
+    """One consumer of `group` per outbox partition."""
+    return [OutboxConsumer(redis, keys, group, consumer, partition=p, **options) for p in range(keys.partitions)]
+
+
+async def combined_lag(outboxes: list[OutboxConsumer]) -> Lag:
+    """The lag of one group over every partition: pending entries added up, the oldest entry
+    not yet acknowledged in any of them."""
+    lags = [await o.lag() for o in outboxes]
+    pending = sum(lag.pending for lag in lags)
+    oldest = max((lag for lag in lags if lag.oldest_id is not None), key=lambda lag: lag.oldest_age_ms, default=None)
+    if oldest is None:
+        return Lag(pending, None, 0)
+    return Lag(pending, oldest.oldest_id, oldest.oldest_age_ms)
+
+
+async def keep_entries(outboxes: list[OutboxConsumer], entries: list[Entry]) -> None:
+    """`keep` entries in hand, each on its own partition's stream."""
+    for o in outboxes:
+        ids = [e.id for e in entries if e.partition == o.partition]
+        if ids:
+            await o.keep(ids)
+
+
+def start_readers(tg: anyio.abc.TaskGroup, outboxes: list[OutboxConsumer], backoff_cap_s: float,
+                  send: anyio.abc.ObjectSendStream[tuple[OutboxConsumer, list[Entry]]]) -> None:
+    """One task per outbox partition sending `(consumer, batch)` into `send` (closed here; the
+    receiving end ends when every reader has)."""
+
+    async def read(outbox: OutboxConsumer, out: anyio.abc.ObjectSendStream[tuple[OutboxConsumer, list[Entry]]]) -> None:
+        async with out:
+            async for batch in outbox.batches(backoff_cap_s):
+                await out.send((outbox, batch))
+
+    with send:
+        for outbox in outboxes:
+            tg.start_soon(read, outbox, send.clone())

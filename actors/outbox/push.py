@@ -24,7 +24,15 @@ from prometheus_client import Counter, Gauge
 from redis.exceptions import RedisError
 
 from actors.keys import PUSH_GROUP, Keys
-from actors.outbox.consumer import Backoff, Entry, OutboxConsumer
+from actors.outbox.consumer import (
+    Backoff,
+    Entry,
+    OutboxConsumer,
+    combined_lag,
+    consumers,
+    keep_entries,
+    start_readers,
+)
 from kairos import events as ev
 
 log = logging.getLogger(__name__)
@@ -237,10 +245,10 @@ class PushWorker:
         backoff_cap_s: float = 8.0,
         housekeeping_s: float = 1.0,
     ) -> None:
-        self.outbox = OutboxConsumer(
-            redis, keys, PUSH_GROUP, consumer, start_id="$", batch_size=batch_size,
-            claim_idle_ms=claim_idle_ms,
-        )
+        # One consumer per outbox partition, read concurrently; `outbox` is partition 0's.
+        self.outboxes = consumers(redis, keys, PUSH_GROUP, consumer, start_id="$", batch_size=batch_size,
+                                  claim_idle_ms=claim_idle_ms)
+        self.outbox = self.outboxes[0]
         self.devices = devices
         self.fcm = FcmClient(credentials, endpoint, name=f"kairos-push-{consumer}-{id(self):x}")
         self.max_attempts = max_attempts
@@ -253,7 +261,8 @@ class PushWorker:
     async def __aenter__(self) -> PushWorker:
         await self.fcm.open()
         try:
-            await self.outbox.ensure_group()  # from now on every change is pushed
+            for outbox in self.outboxes:
+                await outbox.ensure_group()  # from now on every change is pushed
         except (RedisError, OSError) as e:
             log.warning("push: cannot create consumer group yet: %s", e)
         return self
@@ -268,19 +277,23 @@ class PushWorker:
             self.results[result] = self.results.get(result, 0) + n
 
     async def run(self) -> None:
-        """Consume forever (until cancelled); outages of Redis, PostgreSQL or FCM only delay."""
-        async for batch in self.outbox.batches(self.backoff_cap_s):
-            if batch:
-                await self._handle(batch)
-                await self.outbox.ack([e.id for e in batch])
-            await self._housekeeping()
+        """Consume forever (until cancelled); outages of Redis, PostgreSQL or FCM only delay.
+        One reader per outbox partition; batches are handled one at a time."""
+        send, receive = anyio.create_memory_object_stream[tuple[OutboxConsumer, list[Entry]]](0)
+        async with anyio.create_task_group() as tg:
+            start_readers(tg, self.outboxes, self.backoff_cap_s, send)
+            async with receive:
+                async for outbox, batch in receive:
+                    if batch:
+                        await self._handle(batch)
+                        await outbox.ack([e.id for e in batch])
+                    await self._housekeeping()
 
     async def _handle(self, batch: list[Entry]) -> None:
         notices = [n for e in batch if e.message is not None for n in _safe_notices(e)]
         if not notices:
             return
-        ids = [e.id for e in batch]
-        tokens = await self._tokens({n.participant_id for n in notices}, ids)
+        tokens = await self._tokens({n.participant_id for n in notices}, batch)
         # A phone shows only a session's latest notification (collapse key), and send_each gives
         # no ordering: so per device and session, only the batch's latest notice is sent.
         latest: dict[tuple[str, str], Notice] = {}
@@ -292,9 +305,9 @@ class PushWorker:
         self._count("superseded", fanned - len(latest))
         work = [(token, fcm_message(n, token)) for (token, _), n in latest.items()]
         if work:
-            await self._send(work, ids)
+            await self._send(work, batch)
 
-    async def _tokens(self, subs: set[str], ids: list[str]) -> dict[str, list[str]]:
+    async def _tokens(self, subs: set[str], entries: list[Entry]) -> dict[str, list[str]]:
         backoff = Backoff(cap_s=self.backoff_cap_s)
         while True:
             try:
@@ -302,10 +315,10 @@ class PushWorker:
             except Exception as e:
                 if backoff.attempt == 0:
                     log.warning("push: device lookup failed, retrying: %r", e)
-                await self.outbox.keep(ids)
+                await keep_entries(self.outboxes, entries)
                 await backoff.wait()
 
-    async def _send(self, work: list[tuple[str, messaging.Message]], ids: list[str]) -> None:
+    async def _send(self, work: list[tuple[str, messaging.Message]], entries: list[Entry]) -> None:
         backoff = Backoff(first_s=0.5, cap_s=self.backoff_cap_s)
         for attempt in itertools.count(1):
             retry: list[tuple[str, messaging.Message]] = []
@@ -335,7 +348,7 @@ class PushWorker:
                 return
             self._count("retried", len(retry))
             work = retry
-            await self.outbox.keep(ids)
+            await keep_entries(self.outboxes, entries)
             await backoff.wait()
 
     async def _bookkeep(self, dead: list[str], delivered: list[str]) -> None:
@@ -351,10 +364,11 @@ class PushWorker:
             return
         self._next_housekeeping = now + self.housekeeping_s
         try:
-            lag = await self.outbox.lag()
+            lag = await combined_lag(self.outboxes)
             if now >= self._next_gc:
                 self._next_gc = now + 360.0
-                await self.outbox.forget_idle_consumers(3_600_000)  # earlier incarnations
+                for outbox in self.outboxes:
+                    await outbox.forget_idle_consumers(3_600_000)  # earlier incarnations
         except (RedisError, OSError):
             return
         PUSH_PENDING.set(lag.pending)

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import httpx
 
+from actors.connection import open_pubsub
 from actors.keys import Keys
 from bench.loops import Switcher, Watcher, create_running, wait_until  # noqa: F401 (re-exported)
 
@@ -36,9 +37,7 @@ class ChannelLog:
         self.ready = anyio.Event()
 
     async def run(self) -> None:
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis.from_url(self.redis_url)
+        client = open_pubsub(self.redis_url)  # a cluster too: classic PUBLISH reaches every node
         pubsub = client.pubsub()
         try:
             await pubsub.subscribe(*[self.keys.channel(s) for s in self.sids])
