@@ -119,6 +119,16 @@ class FanOut:
         except Exception:  # a failed re-sync must not take the relay down with it
             log.exception("fanout re-sync failed", sessions=len(sessions))
 
+    async def _drop_connection(self) -> None:
+        assert self._pubsub is not None
+        conn = self._pubsub.connection
+        if conn is None:
+            return
+        try:
+            await conn.disconnect()
+        except Exception as exc:  # it is being dropped: nothing more to do with it
+            log.warning("fanout disconnect failed", error=str(exc))
+
     async def _reader(self) -> None:
         assert self._pubsub is not None
         while True:
@@ -128,6 +138,15 @@ class FanOut:
                 msg = await self._pubsub.get_message(timeout=1.0)
             except (ConnectionError, OSError, aioredis.RedisError) as exc:
                 log.warning("fanout connection lost; resubscribing", error=str(exc))
+                await anyio.sleep(0.2)
+                continue
+            except Exception:
+                # redis-py can fail otherwise when a connection is torn down under a read (e.g.
+                # RuntimeError "the handler is closed"). Ending here would leave every socket of
+                # this instance subscribed and silent: drop the connection instead, so the next
+                # read reconnects, resubscribes and re-syncs the watchers.
+                log.exception("fanout read failed; reconnecting")
+                await self._drop_connection()
                 await anyio.sleep(0.2)
                 continue
             if msg is None or msg.get("type") != "message":

@@ -93,6 +93,7 @@ class Watcher:
         self.versions: list[int] = []  # state versions seen, in arrival order
         self.connected = anyio.Event()
         self.stopped = False
+        self.url: str | None = None  # where the socket is connected now (None between sockets)
 
     @property
     def last_version(self) -> int | None:
@@ -111,6 +112,7 @@ class Watcher:
                     if self.versions:
                         await ws.send(json.dumps({"type": "RECONNECT", "last_version": self.last_version}))
                     self.connected.set()
+                    self.url = url
                     async for raw in ws:
                         frame = json.loads(raw)
                         self.frames.append((url, frame))
@@ -119,6 +121,7 @@ class Watcher:
             except (ConnectionClosed, OSError, TimeoutError) as e:
                 code = getattr(getattr(e, "rcvd", None), "code", None)
                 self.closes.append((url, code))
+            self.url = None
             i += 1
 
     async def _on_frame(self, ws: Any, frame: dict[str, Any]) -> None:

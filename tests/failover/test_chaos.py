@@ -158,9 +158,9 @@ async def _chaos(cluster: Cluster, redis_server: RedisServer, rng: random.Random
                 await eventually(lambda: all(w.last_version == finals[w.sid]["version"] for w in watchers), 20,
                                  "every socket caught up")
             except AssertionError:
-                behind = [(w.sid[:8], w.last_version, finals[w.sid]["version"], _around(w, w.last_version or 0),
-                           w.closes[-3:]) for w in watchers if w.last_version != finals[w.sid]["version"]]
-                raise AssertionError(f"sockets behind (session, last seen, final, frames, closes): {behind}") from None
+                behind = [await _why_behind(w, finals[w.sid]["version"], cluster, redis_server.url, prefix)
+                          for w in watchers if w.last_version != finals[w.sid]["version"]]
+                raise AssertionError("sockets behind:\n" + "\n".join(behind)) from None
             for w in watchers:
                 w.stopped = True
             tg.cancel_scope.cancel()
@@ -235,6 +235,30 @@ def _assert_no_silent_gap(w: Watcher) -> None:
         before = max(i for i, (_, u) in enumerate(seen) if u < v)
         assert any(kind == "STATE_SYNC" and u >= v for kind, u in seen[before + 1:]), \
             f"{w.sid}: version {v} never reached the socket and no STATE_SYNC covered it: {_around(w, v)}"
+
+
+async def _why_behind(w: Watcher, final: int, cluster: Cluster, redis_url: str, prefix: str) -> str:
+    """What a socket left behind looked like: its frames and closes, and on the instance it is
+    connected to, whether the session is subscribed and what the fan-out and WebSocket logged."""
+    lines = [f"{w.sid[:8]}: last seen {w.last_version}, final {final}, on {w.url}, "
+             f"frames {_around(w, w.last_version or 0)}, closes {w.closes[-3:]}"]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        channel = Keys(prefix).channel(w.sid)
+        numsub = dict(await client.pubsub_numsub(channel)).get(channel.encode(), 0)
+        names = [c.get("name") for c in await client.client_list(_type="pubsub")]
+    finally:
+        await client.aclose()
+    lines.append(f"  subscribers of its channel: {numsub}; pub/sub clients: {names}")
+    srv = next((s for s in cluster.servers if s.ws_url == w.url), None)
+    if srv is not None:
+        alive = srv.proc is not None and srv.proc.poll() is None
+        logged = [line for line in srv.log_tail(4000).splitlines()
+                  if ("kairos.fanout" in line or "kairos.ws" in line or w.sid in line)
+                  and "websocket connected" not in line and "websocket disconnected" not in line]
+        lines.append(f"  {srv.env['KAIROS_INSTANCE_ID']} alive {alive}; its fan-out/ws log:")
+        lines += [f"    {line[:400]}" for line in logged[-15:]]
+    return "\n".join(lines)
 
 
 def _around(w: Watcher, version: int) -> list[tuple[str, Any, Any]]:

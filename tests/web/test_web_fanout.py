@@ -140,3 +140,42 @@ async def test_a_socket_that_joined_while_its_sessions_first_subscribe_was_cut_s
             assert '"STATE_UPDATE"' in frame
     finally:
         await client.aclose()
+
+
+async def test_an_unexpected_read_error_reconnects_and_reports_the_gap(redis_url: str, key_prefix: str) -> None:
+    """redis-py can raise something other than a connection error when a connection is torn down
+    under a read. The relay must not stop for good (every socket of the instance left silent):
+    it reconnects, resubscribes and reports the gap."""
+    keys = Keys(key_prefix)
+    watcher = aioredis.from_url(redis_url)
+    client = aioredis.from_url(redis_url)
+    got: list[bytes] = []
+    gaps: list[list[str]] = []
+
+    async def on_gap(sessions: list[str]) -> None:
+        gaps.append(sessions)
+
+    try:
+        async with FanOut(watcher, key_prefix=key_prefix, on_gap=on_gap) as fanout:
+            await fanout.watch("s1", got.append)
+            pubsub = fanout._pubsub
+            assert pubsub is not None
+            read = pubsub.get_message
+            failed: list[bool] = []
+
+            async def fails_once(*args: object, **kwargs: object) -> object:
+                if not failed:
+                    failed.append(True)
+                    raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; "
+                                       "the handler is closed")
+                return await read(*args, **kwargs)
+
+            pubsub.get_message = fails_once  # type: ignore[method-assign]
+            await eventually(lambda: gaps, what="the gap reported after the reconnect")
+            assert gaps[0] == ["s1"]
+            await eventually(lambda: subscribed(client, keys.channel("s1"), 1), what="resubscribed")
+            await client.publish(keys.channel("s1"), b"after")
+            await eventually(lambda: got == [b"after"], what="relay after the reconnect")
+    finally:
+        await client.aclose()
+        await watcher.aclose()
