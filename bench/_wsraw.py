@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -106,9 +107,22 @@ class RawWs(asyncio.Protocol):
             self.closed.set_result(self.close_code)
 
 
-async def open_ws(host: str, port: int, path: str, on_text: TextHandler) -> RawWs:
-    """Connect and complete the upgrade."""
+async def open_ws(host: str, port: int, path: str, on_text: TextHandler, *,
+                  rcvbuf: int | None = None) -> RawWs:
+    """Connect and complete the upgrade; `rcvbuf` shrinks the kernel's receive buffer (a slow
+    reader then backs up into the server after a few KB instead of a few MB)."""
     loop = asyncio.get_running_loop()
-    _, ws = await loop.create_connection(lambda: RawWs(path, f"{host}:{port}", on_text), host, port)
+    if rcvbuf is None:
+        _, ws = await loop.create_connection(lambda: RawWs(path, f"{host}:{port}", on_text), host, port)
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, (host, port))
+        except OSError:
+            sock.close()
+            raise
+        _, ws = await loop.create_connection(lambda: RawWs(path, f"{host}:{port}", on_text), sock=sock)
     await ws.upgraded
     return ws

@@ -27,6 +27,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -51,6 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=int, default=4, help="client processes holding the watchers")
     p.add_argument("--switches", type=int, default=30, help="measured switches per size (after 3 warm-up)")
     p.add_argument("--concurrency", type=int, default=64, help="connects in flight per client process")
+    p.add_argument("--slow-reader", action="store_true",
+                   help="then run the switches again with one more watcher that never reads, until the "
+                        "server drops it (expected close code 1013)")
+    p.add_argument("--slow-max-switches", type=int, default=1500,
+                   help="with --slow-reader: switches sent at most (and 60 s) until the server closes it")
+    p.add_argument("--send-queue", type=int, default=None,
+                   help="KAIROS_WS_SEND_QUEUE of a server started here (KB a socket may leave unsent before "
+                        "it is dropped with 1013, on top of the kernel's send buffer: up to 4 MB on Linux)")
     add_target_arguments(p)
 
 
@@ -61,8 +70,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         sizes = [int(x) for x in str(args.sockets).split(",")]
     except ValueError as e:
         raise BenchError(f"--sockets must be comma-separated numbers, got {args.sockets!r}") from e
-    if min(*sizes, args.sessions, args.clients, args.switches, args.concurrency) < 1:
-        raise BenchError("--sockets, --sessions, --clients, --switches and --concurrency must be positive")
+    if min(*sizes, args.sessions, args.clients, args.switches, args.concurrency, args.slow_max_switches,
+           args.send_queue or 1) < 1:
+        raise BenchError("--sockets, --sessions, --clients, --switches, --concurrency, --slow-max-switches "
+                         "and --send-queue must be positive")
+    if args.send_queue is not None and args.url:
+        raise BenchError("--send-queue applies to a server started here, not to --url")
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -313,9 +326,62 @@ class Driver:
                 ws.transport.close()
 
 
+class SlowReader:
+    """One extra watcher that never reads: a tiny kernel receive buffer and reading paused once
+    CONNECTED arrived, so the server's unsent bytes for it grow with every update."""
+
+    def __init__(self) -> None:
+        self.ws: RawWs | None = None
+        self.connected = asyncio.Event()
+
+    def on_text(self, ws: RawWs, payload: bytes, now: int) -> None:
+        if b'"CONNECTED"' in payload[:32] and ws.transport is not None:
+            ws.transport.pause_reading()
+            self.connected.set()
+
+    async def open(self, target: Target, sid: str) -> None:
+        u = urlsplit(target.url)
+        auth = f"&token={target.token}" if target.token else ""
+        self.ws = await open_ws(u.hostname or "127.0.0.1", u.port or 80, f"/ws?sessionId={sid}{auth}",
+                                self.on_text, rcvbuf=4096)
+        await asyncio.wait_for(self.connected.wait(), 30)
+
+    async def close_code(self, timeout_s: float = 10) -> int | None:
+        """Read again: what piled up, then the server's close frame (None: no close frame came,
+        e.g. the connection was reset, or it is still open after `timeout_s`)."""
+        ws = self.ws
+        if ws is None or ws.transport is None:
+            return None
+        if not ws.closed.done():
+            ws.transport.resume_reading()
+            try:
+                await asyncio.wait_for(asyncio.shield(ws.closed), timeout_s)
+            except TimeoutError:
+                ws.transport.close()
+        return ws.close_code
+
+
+async def server_counters(target: Target) -> dict[str, float]:
+    """The server's `kairos_ws_dropped_total` (sockets closed 1013 for being too slow) and
+    `kairos_ws_connections` (open sockets)."""
+    conn = await RawHttp(target.url, target.token).open()
+    try:
+        _, body = await conn.request("GET", "/metrics")
+    finally:
+        conn.close()
+    out = {}
+    for line in body.decode(errors="replace").splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("kairos_ws_dropped_total", "kairos_ws_connections"):
+            out[name] = float(value)
+    return out
+
+
 async def measure(target: Target, sockets: int, sids: list[str], clients: int, switches: int,
-                  concurrency: int) -> dict[str, Any]:
-    """One size: connect `sockets` watchers, run `switches` switches, gather the figures."""
+                  concurrency: int, slow_max: int = 0) -> dict[str, Any]:
+    """One size: connect `sockets` watchers, run `switches` switches, gather the figures. With
+    `slow_max`, then the same again with one more watcher of the first session that never reads
+    (see `slow_phase`)."""
     pids = serving_pids(target.pid) if target.pid else []
     rss0 = sum(rss_kb(p) for p in pids)
     fds0 = [socket_fds(p) for p in pids]
@@ -323,6 +389,28 @@ async def measure(target: Target, sockets: int, sids: list[str], clients: int, s
     shares = [assign[i::clients] for i in range(clients)]
     procs = [await ClientProc.spawn(target, share, concurrency) for share in shares if share]
     driver = Driver()
+    slow = SlowReader()
+    sent: dict[tuple[str, int], int] = {}
+    sent_slow: dict[tuple[str, int], int] = {}
+    acks: list[float] = []
+    timeouts = 0
+    i = 0
+
+    async def one_switch(into: dict[tuple[str, int], int] | None) -> None:
+        nonlocal timeouts, i
+        sid = sids[i % len(sids)]
+        i += 1
+        t0, version, t_ack = await driver.switch(sid)
+        if into is not None:
+            into[(sid, version)] = t0
+            if into is sent:
+                acks.append((t_ack - t0) / 1e6)
+        oks = await asyncio.gather(*(c.call(op="wait", sid=sid, version=version, timeout_s=10)
+                                     for c in procs))
+        timeouts += sum(not o["ok"] for o in oks)
+        await asyncio.sleep(0.01)  # a short quiet gap between switches
+
+    slow_info: dict[str, Any] = {}
     try:
         cpu_connect0 = sum(process_cpu_s(p) for p in pids)
         conns = await asyncio.gather(*(c.call(op="connect", sids=c.sids) for c in procs))
@@ -334,28 +422,23 @@ async def measure(target: Target, sockets: int, sids: list[str], clients: int, s
         rss1 = sum(rss_kb(p) for p in pids)
         split = [socket_fds(p) - f for p, f in zip(pids, fds0, strict=True)]
         await driver.open(target, sids)
-        sent: dict[tuple[str, int], int] = {}
-        acks: list[float] = []
-        timeouts = 0
-        warmup = 3
-        cpu0 = 0.0
-        for i in range(switches + warmup):
-            if i == warmup:
-                await asyncio.gather(*(c.call(op="lag_reset") for c in procs))
-                cpu0 = sum(process_cpu_s(p) for p in pids)
-            sid = sids[i % len(sids)]
-            t0, version, t_ack = await driver.switch(sid)
-            if i >= warmup:
-                sent[(sid, version)] = t0
-                acks.append((t_ack - t0) / 1e6)
-            oks = await asyncio.gather(*(c.call(op="wait", sid=sid, version=version, timeout_s=10)
-                                         for c in procs))
-            timeouts += sum(not o["ok"] for o in oks)
-            await asyncio.sleep(0.01)  # a short quiet gap between switches
+        for _ in range(3):  # warm-up
+            await one_switch(None)
+        await asyncio.gather(*(c.call(op="lag_reset") for c in procs))
+        cpu0 = sum(process_cpu_s(p) for p in pids)
+        for _ in range(switches):
+            await one_switch(sent)
         cpu = sum(process_cpu_s(p) for p in pids) - cpu0
+        if slow_max:
+            slow_info = await slow_phase(target, slow, sids[0], switches, slow_max, one_switch, sent_slow,
+                                         driver)
+            await asyncio.gather(*(c.call(op="wait", sid=sids[0], version=slow_info["last_version"],
+                                          timeout_s=30) for c in procs))
         reports = await asyncio.gather(*(c.call(op="report") for c in procs))
     finally:
         driver.close()
+        if slow.ws is not None and slow.ws.transport is not None:
+            slow.ws.transport.close()
         for c in procs:
             try:
                 await asyncio.wait_for(c.call(op="quit"), 10)
@@ -366,42 +449,87 @@ async def measure(target: Target, sockets: int, sids: list[str], clients: int, s
                     await asyncio.wait_for(c.proc.wait(), 10)
                 except TimeoutError:
                     c.proc.kill()
+    d = deliveries(reports, sent)
+    lags = [max(r["lag_ms"], default=0.0) for r in reports]
+    lag_p99 = [pct(r["lag_ms"], 0.99) for r in reports]
+    out = {
+        "sockets": sockets, "sessions": len(sids), "connected": connected, "connect_failed": failed,
+        "connect_s": connect_s, "connect_p50_ms": pct(per_connect, 0.5),
+        "connect_p99_ms": pct(per_connect, 0.99),
+        "connect_cpu_us_per_socket": cpu_connect * 1e6 / max(1, connected),
+        "p50_ms": pct(d["per_delivery"], 0.5), "p99_ms": pct(d["per_delivery"], 0.99),
+        "max_ms": max(d["per_delivery"], default=float("nan")),
+        "all_p50_ms": pct(d["all_served"], 0.5), "all_p99_ms": pct(d["all_served"], 0.99),
+        "all_max_ms": max(d["all_served"], default=float("nan")),
+        "missed": d["missed"], "wait_timeouts": timeouts, "closed_by_server": d["closed"],
+        "switches": len(sent), "rss_before_mb": rss0 / 1024, "rss_after_mb": rss1 / 1024,
+        "rss_kb_per_socket": (rss1 - rss0) / max(1, connected),
+        "cpu_us_per_frame": cpu * 1e6 / max(1, len(d["per_delivery"])),
+        "split": split, "client_lag_max_ms": lags, "client_lag_p99_ms": lag_p99,
+        "load_avg": os.getloadavg()[0],
+        "samples": {"delivery": d["per_delivery"], "all_served": d["all_served"], "connect": per_connect,
+                    "ack": acks},
+    }
+    if slow_info:
+        ds = deliveries(reports, sent_slow)
+        out["slow"] = slow_info | {"p50_ms": pct(ds["per_delivery"], 0.5), "p99_ms": pct(ds["per_delivery"], 0.99),
+                                   "max_ms": max(ds["per_delivery"], default=float("nan")),
+                                   "all_p99_ms": pct(ds["all_served"], 0.99), "missed": ds["missed"]}
+        out["missed"] += ds["missed"]
+        out["samples"]["delivery_slow"] = ds["per_delivery"]
+    return out
+
+
+async def slow_phase(target: Target, slow: SlowReader, sid: str, switches: int, slow_max: int,
+                     one_switch: Callable[[dict[tuple[str, int], int] | None], Awaitable[None]],
+                     sent_slow: dict[tuple[str, int], int], driver: Driver) -> dict[str, Any]:
+    """`switches` measured switches with `slow` (never reading) among the watchers of `sid`, then
+    switches back to back (at most `slow_max`, 60 s) until the server closes it: 1013 when its
+    unsent bytes pass the bound (counted by kairos_ws_dropped_total), or 1011 when it missed a
+    heartbeat pong (it reads nothing, so it answers no ping either)."""
+    before = await server_counters(target)
+    await slow.open(target, sid)
+    t0 = time.monotonic()
+    for _ in range(switches):
+        await one_switch(sent_slow)
+    n, how, version = switches, "", 0
+    while n < slow_max and time.monotonic() - t0 < 60:
+        for _ in range(20):
+            _, version, _ = await driver.switch(sid)
+            n += 1
+        now = await server_counters(target)
+        if now.get("kairos_ws_dropped_total", 0) > before.get("kairos_ws_dropped_total", 0):
+            how = "1013 (unsent bytes over the bound)"
+        elif now.get("kairos_ws_connections", 0) < before.get("kairos_ws_connections", 0) + 1:
+            how = "closed without a drop: 1011 (heartbeat missed)"
+        if how:
+            break
+    return {"switches": n, "seconds": time.monotonic() - t0, "server_close": how or "not closed",
+            "client_close_code": await slow.close_code(), "last_version": version}
+
+
+def deliveries(reports: list[dict[str, Any]], sent: dict[tuple[str, int], int]) -> dict[str, Any]:
+    """Per delivery and per switch (the slowest socket) times in ms of the switches in `sent`,
+    from the client processes' reports; missed versions; sockets the server closed."""
     per_delivery: list[float] = []
     slowest: dict[tuple[str, int], float] = {}
-    missed = 0
-    closed = 0
+    by_session: dict[str, list[tuple[int, int]]] = {}
+    for (s, v), t0 in sent.items():
+        by_session.setdefault(s, []).append((v, t0))
+    missed = closed = 0
     for rep in reports:
         for sid, seen, close_code in rep["sockets"]:
             closed += close_code is not None
-            for (s, v), t0 in sent.items():
-                if s != sid:
-                    continue
+            for v, t0 in by_session.get(sid, ()):
                 arrival = seen.get(str(v))
                 if arrival is None:
                     missed += 1
                     continue
                 ms = (arrival - t0) / 1e6
                 per_delivery.append(ms)
-                slowest[(s, v)] = max(slowest.get((s, v), 0.0), ms)
-    all_served = list(slowest.values())
-    lags = [max(r["lag_ms"], default=0.0) for r in reports]
-    lag_p99 = [pct(r["lag_ms"], 0.99) for r in reports]
-    return {
-        "sockets": sockets, "sessions": len(sids), "connected": connected, "connect_failed": failed,
-        "connect_s": connect_s, "connect_p50_ms": pct(per_connect, 0.5),
-        "connect_p99_ms": pct(per_connect, 0.99),
-        "connect_cpu_us_per_socket": cpu_connect * 1e6 / max(1, connected),
-        "p50_ms": pct(per_delivery, 0.5), "p99_ms": pct(per_delivery, 0.99),
-        "max_ms": max(per_delivery, default=float("nan")),
-        "all_p50_ms": pct(all_served, 0.5), "all_p99_ms": pct(all_served, 0.99),
-        "all_max_ms": max(all_served, default=float("nan")),
-        "missed": missed, "wait_timeouts": timeouts, "closed_by_server": closed,
-        "switches": len(sent), "rss_before_mb": rss0 / 1024, "rss_after_mb": rss1 / 1024,
-        "rss_kb_per_socket": (rss1 - rss0) / max(1, connected),
-        "cpu_us_per_frame": cpu * 1e6 / max(1, len(per_delivery)),
-        "split": split, "client_lag_max_ms": lags, "client_lag_p99_ms": lag_p99,
-        "samples": {"delivery": per_delivery, "all_served": all_served, "connect": per_connect, "ack": acks},
-    }
+                slowest[(sid, v)] = max(slowest.get((sid, v), 0.0), ms)
+    return {"per_delivery": per_delivery, "all_served": list(slowest.values()), "missed": missed,
+            "closed": closed}
 
 
 def report_lines(r: dict[str, Any]) -> list[str]:
@@ -423,8 +551,26 @@ def report_lines(r: dict[str, Any]) -> list[str]:
         f"({r['rss_kb_per_socket']:.1f} KB/socket)  CPU {r['cpu_us_per_frame']:.1f} us per delivered frame",
         f"  sockets per serving process {r['split']}",
         "  client loop lag max " + " / ".join(f"{x:.1f}" for x in r["client_lag_max_ms"])
-        + " ms, p99 " + " / ".join(f"{x:.1f}" for x in r["client_lag_p99_ms"]) + " ms",
+        + " ms, p99 " + " / ".join(f"{x:.1f}" for x in r["client_lag_p99_ms"]) + " ms"
+        + f"  (load average {r['load_avg']:.2f})",
+        *slow_lines(r),
     ]
+
+
+def slow_lines(r: dict[str, Any]) -> list[str]:
+    """The slow-reader phase next to the run without it."""
+    s = r.get("slow")
+    if not s:
+        return []
+    code = s["client_close_code"]
+    verdict = "OK" if s["server_close"].startswith("1013") else "MISS"
+    return [f"  with one socket that never reads ({r['switches']} measured switches): others' "
+            f"delivery p50 {s['p50_ms']:.1f}  p99 {s['p99_ms']:.1f}  max {s['max_ms']:.1f} ms "
+            f"(without: {r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.1f}); all served p99 "
+            f"{s['all_p99_ms']:.1f} ms; missed {s['missed']}",
+            f"  slow socket, after {s['switches']} switches in {s['seconds']:.1f} s: server closed it "
+            f"{s['server_close']}; the client saw close code {code} (None: reset, the close frame "
+            f"could not get out) (expected 1013: {verdict})"]
 
 
 def record(report: Report, r: dict[str, Any]) -> None:
@@ -441,6 +587,13 @@ def record(report: Report, r: dict[str, Any]) -> None:
     report.value(f"{n}.connect_cpu_us", r["connect_cpu_us_per_socket"], "us", f"{n} watchers: server CPU per connect")
     report.value(f"{n}.cpu_us_per_frame", r["cpu_us_per_frame"], "us", f"{n} watchers: server CPU per frame")
     report.value(f"{n}.rss_kb_per_socket", r["rss_kb_per_socket"], "KB", f"{n} watchers: server RSS per socket")
+    report.value(f"{n}.client_lag_max_ms", max(r["client_lag_max_ms"], default=0.0), "ms",
+                 f"{n} watchers: worst client-process loop lag")
+    if "slow" in r:
+        report.latency(f"{n}.delivery_slow", smp["delivery_slow"],
+                       f"{n} watchers: each STATE_UPDATE, one socket not reading", baseline=f"{n}.delivery")
+        report.value(f"{n}.slow_dropped_1013", float(r["slow"]["server_close"].startswith("1013")), "",
+                     f"{n} watchers: socket not reading dropped with 1013 (1) or not (0)")
     for line in report_lines(r):
         report.note(line)
 
@@ -449,7 +602,8 @@ async def _run(args: argparse.Namespace, target: Target, report: Report) -> None
     sids = await make_sessions(target, args.sessions)
     for n in [int(x) for x in str(args.sockets).split(",")]:
         report.step(f"{n} watchers over {len(sids)} session(s), {args.clients} client processes")
-        r = await measure(target, n, sids, args.clients, args.switches, args.concurrency)
+        r = await measure(target, n, sids, args.clients, args.switches, args.concurrency,
+                          args.slow_max_switches if args.slow_reader else 0)
         record(report, r)
         if r["missed"] or r["connect_failed"]:
             raise BenchError(f"{n} watchers: {r['missed']} versions missed, {r['connect_failed']} "
@@ -464,7 +618,8 @@ async def _run(args: argparse.Namespace, target: Target, report: Report) -> None
 def run(args: argparse.Namespace, report: Report) -> None:
     """Measure every size against the target."""
     _use_uvloop()
-    with kairos(args, report) as target:
+    env = {} if args.send_queue is None else {"KAIROS_WS_SEND_QUEUE": str(args.send_queue)}
+    with kairos(args, report, **env) as target:
         asyncio.run(_run(args, target, report))
 
 

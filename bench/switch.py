@@ -6,7 +6,12 @@
 2. concurrent: --connections connections switching --sessions sessions for --seconds (at most
    --max-requests): switches/s, latency, and the server's CPU per switch (/proc; own server or --pid);
 3. WebSocket SWITCH -> ACK round trip, next to PING -> PONG on the same socket (Kairos' WebSocket
-   commands; --no-ws skips it for servers without them).
+   commands; --no-ws skips it for servers without them);
+4. WebSocket SWITCH under concurrency: --connections sockets, each switching its own session
+   (one command in flight per socket, so each also gets its session's STATE_UPDATE) for
+   --seconds: commands/s, latency, and the server's CPU per command next to the REST figure.
+
+Targets (issue 11), server CPU per command: REST switch <= 0.40 ms, WebSocket SWITCH <= 0.20 ms.
 
 With --masters 1,2,3: one Kairos on each Redis size started here (1 master: a standalone server;
 more: a Redis Cluster), phases 1 and 2 on each, the concurrent phase taking turns over --rounds:
@@ -27,7 +32,9 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from bench._wsraw import RawWs, open_ws
 from bench.client import RawHttp, RawRedis, check_errors, start_session
 from bench.report import BenchError, Report
 from bench.servers import process_cpu_s, stores
@@ -41,6 +48,7 @@ from bench.target import (
 )
 
 QUICK: dict[str, Any] = {"n": 200, "seconds": 1.0}
+TARGET_CPU_MS = {"rest": 0.40, "ws": 0.20}  # server CPU per switch command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -169,6 +177,60 @@ async def websocket(target: Target, n: int, warmup: int = 100) -> dict[str, list
     return out
 
 
+async def ws_concurrent(target: Target, sids: list[str], seconds: float,
+                        max_requests: int) -> tuple[list[float], float, float]:
+    """(SWITCH -> ACK latencies ms, elapsed s, server CPU s): one raw socket per session in `sids`,
+    each sending SWITCH (a fresh request_id, as clients do) and waiting for its ACK, for `seconds`
+    or `max_requests` commands, whichever ends first."""
+    u = urlsplit(target.url)
+    auth = f"&token={target.token}" if target.token else ""
+    waiting: dict[RawWs, asyncio.Future[bytes]] = {}
+
+    def on_text(ws: RawWs, payload: bytes, now: int) -> None:
+        head = payload[:24]  # the type comes first; skip the session's own STATE_UPDATE
+        if b'"ACK"' in head or b'"ERROR"' in head:
+            fut = waiting.pop(ws, None)
+            if fut is not None and not fut.done():
+                fut.set_result(payload)
+
+    socks = [await open_ws(u.hostname or "127.0.0.1", u.port or 80, f"/ws?sessionId={sid}{auth}", on_text)
+             for sid in sids]
+    lat: list[float] = []
+    errors: Counter[str] = Counter()
+    stop_at = time.perf_counter() + seconds
+    loop = asyncio.get_running_loop()
+
+    async def worker(i: int, ws: RawWs) -> None:
+        n = 0
+        while time.perf_counter() < stop_at and len(lat) + sum(errors.values()) < max_requests:
+            fut = waiting[ws] = loop.create_future()
+            t0 = time.perf_counter()
+            ws.send_text(f'{{"type":"SWITCH","request_id":"c{i}-{n}"}}')
+            payload = await asyncio.wait_for(fut, 10)
+            n += 1
+            if b'"ACK"' in payload[:24]:
+                lat.append((time.perf_counter() - t0) * 1000)
+            else:
+                errors[str(json.loads(payload).get("code"))] += 1
+
+    await asyncio.sleep(0.2)  # let every CONNECTED frame arrive before measuring
+    cpu0 = process_cpu_s(target.pid)
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(i, ws) for i, ws in enumerate(socks)))
+    finally:
+        for ws in socks:
+            if ws.transport is not None:
+                ws.transport.close()
+    elapsed = time.perf_counter() - t0
+    cpu = process_cpu_s(target.pid) - cpu0
+    done = len(lat) + sum(errors.values())
+    if sum(errors.values()) > 0.01 * max(1, done):
+        raise BenchError(f"{target.label} WebSocket concurrent: {sum(errors.values())} of {done} SWITCH "
+                         f"commands refused ({dict(errors)}); is the switch rate limit off?")
+    return lat, elapsed, cpu
+
+
 def record_sequential(report: Report, seq: dict[str, list[float]], prefix: str = "", tag: str = "") -> None:
     """Put a `sequential` result on the report: health and Redis PING as baselines."""
     report.latency(f"{prefix}health", seq["health"], f"{tag}GET /health (baseline)")
@@ -213,6 +275,16 @@ def run(args: argparse.Namespace, report: Report) -> None:
             ws = asyncio.run(websocket(target, args.n))
             report.latency("ws_ping", ws["ws_ping"], "WebSocket PING -> PONG (baseline)")
             report.latency("ws_switch", ws["ws_switch"], "WebSocket SWITCH -> ACK", baseline="ws_ping")
+            conns = min(args.connections, args.sessions)
+            report.step(f"WebSocket concurrent: {conns} sockets, one session each, {args.seconds:g} s")
+            lat, elapsed, cpu = asyncio.run(ws_concurrent(target, sids[:conns], args.seconds,
+                                                          args.max_requests))
+            report.latency("ws_switch_concurrent", lat, f"WebSocket SWITCH -> ACK, {conns} sockets",
+                           baseline="ws_ping")
+            report.value("ws_switches_per_s", len(lat) / elapsed, "/s", f"WebSocket SWITCH/s, {conns} sockets")
+            if target.pid is not None and lat:
+                report.value("server_cpu_ms_per_ws_switch", cpu * 1000 / len(lat), "ms",
+                             "server CPU per WebSocket SWITCH (with its STATE_UPDATE)")
     _targets(report)
 
 
@@ -274,5 +346,11 @@ def _targets(report: Report) -> None:
     for label, value, limit in checks:
         if value is not None:
             report.note(f"{label} = {value:.2f} (target <= {limit:g}) {'OK' if value <= limit else 'MISS'}")
+    for kind, key in (("rest", "server_cpu_ms_per_switch"), ("ws", "server_cpu_ms_per_ws_switch")):
+        if key in report.values:
+            cpu, limit = report.values[key].value, TARGET_CPU_MS[kind]
+            report.note(f"server CPU per {'REST' if kind == 'rest' else 'WebSocket'} switch = {cpu:.3f} ms "
+                        f"(target <= {limit:g}) {'OK' if cpu <= limit else 'MISS'}; "
+                        f"load average {os.getloadavg()[0]:.2f}")
     rps = report.values["switches_per_s"].value
     report.note(f"switches/s = {rps:.0f} (target >= 1000) {'OK' if rps >= 1000 else 'MISS'}")

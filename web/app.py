@@ -188,6 +188,7 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
     tg.start_soon(metrics.watch_loop_lag)
     assert svc.relays is not None
     tg.start_soon(svc.relays.heartbeat, s.ws_heartbeat_s)
+    metrics.watch_gc()
     stack.callback(tg.cancel_scope.cancel)
     clock = svc.clock
     try:  # measured before the host starts, so it claims sessions from the start

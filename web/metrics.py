@@ -6,6 +6,7 @@ Runtime metrics (leases claimed, deadline lateness, audit lag, push results) are
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +53,28 @@ async def watch_loop_lag(period_s: float = 0.1) -> None:
         t0 = time.perf_counter()
         await anyio.sleep(period_s)
         LOOP_LAG.observe(max(0.0, time.perf_counter() - t0 - period_s))
+
+
+GC_PAUSE = Histogram(
+    "kairos_gc_pause_seconds", "Cyclic garbage collector pauses by generation (the loop stands still meanwhile)",
+    ["generation"], buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+
+
+def watch_gc() -> None:
+    """Time every collection of the cyclic GC into `kairos_gc_pause_seconds` (once per process)."""
+    if any(getattr(cb, "__name__", "") == "_gc_timer" for cb in gc.callbacks):
+        return
+    generations = [GC_PAUSE.labels(str(g)) for g in range(3)]  # bound once: ~1 us per collection
+    started = [0.0]
+
+    def _gc_timer(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            generations[info["generation"]].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(_gc_timer)
 
 
 def observe_command(host: Any, session_id: str, command: str, seconds: float, reply: Any = None) -> None:

@@ -85,6 +85,13 @@ def test_all_quick_runs_every_subcommand_and_writes_the_documented_json(
         assert f"== {name}" in done.stdout
     switch = doc["runs"]["switch"]["latencies"]
     assert switch["switch"]["baseline"] == "health" and switch["redis_ping"]["count"] > 0
+    # WebSocket SWITCH under concurrency: CPU per command next to REST's
+    assert switch["ws_switch_concurrent"]["count"] > 0
+    cpu = doc["runs"]["switch"]["values"]
+    assert cpu["server_cpu_ms_per_ws_switch"]["value"] > 0 and cpu["server_cpu_ms_per_switch"]["value"] > 0
+    # capacity: loop lag, GC pauses and preemptions per phase; fanout: the client processes' loop lag
+    assert any("loaded phase: loop lag" in n and "load average" in n for n in doc["runs"]["capacity"]["notes"])
+    assert any(k.endswith("client_lag_max_ms") for k in doc["runs"]["fanout"]["values"])
     if plot:
         assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -163,6 +170,25 @@ def test_compare_runs_against_a_plain_synckairos_server_without_auth_or_ws_comma
                    "fanout_delivery_p50", "switch_over_health"):
         assert run["values"][f"B/A.{metric}"]["value"] > 0, metric
     assert "B/A: sequential switch p50" in done.stdout
+
+
+@pytest.mark.timeout(150)
+def test_fanout_slow_reader_reports_the_others_delivery_and_how_the_slow_socket_ended(
+        tmp_path: Path, redis_url: str, database_url: str) -> None:
+    out = tmp_path / "fanout.json"
+    done = _bench([sys.executable, "-m", "bench", "fanout", "--quiet", "--sockets", "5", "--clients", "1",
+                   "--switches", "3", "--slow-reader", "--slow-max-switches", "40", "--send-queue", "8",
+                   "--redis-url", redis_url, "--database-url", database_url, "--json", str(out)],
+                  cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads(out.read_text())["runs"]["fanout"]
+    assert run["error"] is None
+    assert run["latencies"]["5.delivery_slow"]["count"] >= 5 * 3  # every other socket, every switch
+    assert run["latencies"]["5.delivery_slow"]["baseline"] == "5.delivery"
+    assert run["values"]["5.missed"]["value"] == 0
+    assert run["values"]["5.slow_dropped_1013"]["value"] in (0, 1)
+    assert any("one socket that never reads" in n for n in run["notes"])
+    assert any("slow socket, after" in n for n in run["notes"])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
