@@ -112,17 +112,20 @@ async def sample_latency(target: Target, sids: list[str], n: int) -> dict[str, l
     return {"get": gets, "switch": switches}
 
 
-async def expiry_lateness(target: Target, n: int, conns: int = 8) -> list[float]:
+async def expiry_lateness(target: Target, n: int, conns: int = 8) -> tuple[list[float], list[float]]:
     """`n` sessions, each watched by a raw socket, started together with a 2.5-4 s bank (all
-    are created and connected first, so the expiries fall in a window with no set-up traffic);
-    lateness in ms of every TIME_EXPIRED (server timestamp - deadline)."""
+    are created and connected first, so the expiries fall in a window with no set-up traffic).
+    Lateness in ms of every TIME_EXPIRED: applied (its server timestamp - the deadline) and
+    delivered (its arrival here by the wall clock - the deadline: same machine, same clock)."""
     expired: dict[str, int] = {}
+    arrived: dict[str, float] = {}
     done = asyncio.Event()
 
     def on_text(ws: RawWs, payload: bytes, now: int) -> None:
         frame = json.loads(payload)
         if frame.get("type") == "TIME_EXPIRED":
             expired[frame["sessionId"]] = frame["timestamp"]
+            arrived[frame["sessionId"]] = time.time_ns() / 1e6
             if len(expired) >= n:
                 done.set()
 
@@ -158,7 +161,8 @@ async def expiry_lateness(target: Target, n: int, conns: int = 8) -> list[float]
     for ws in sockets:
         if ws.transport is not None:
             ws.transport.close()
-    return [float(expired[sid] - deadlines[sid]) for sid in expired]
+    return ([float(expired[sid] - deadlines[sid]) for sid in expired],
+            [arrived[sid] - deadlines[sid] for sid in expired])
 
 
 async def switch_load(target: Target, sids: list[str], rps: float, stop: asyncio.Event, conns: int = 8) -> int:
@@ -273,14 +277,18 @@ async def measure(target: Target, n: int, args: argparse.Namespace,
     create_s = time.perf_counter() - t0
     rss1 = sum(rss_kb(p) for p in pids)
     settle_s = await audit_settled(target)
+    say = progress or (lambda _: None)
+    say(f"GET and switch on {args.sample} sessions")
     lat = await sample_latency(target, sids, args.sample)
+    say(f"expiry of {args.expiring} sessions, quiet")
     lag0 = await server_state(target)
-    quiet = await expiry_lateness(target, args.expiring)
+    quiet, quiet_delivered = await expiry_lateness(target, args.expiring)
     lag1 = await server_state(target)
     stop = asyncio.Event()
     load = asyncio.create_task(switch_load(target, sids, args.load_rps, stop))
     t1 = time.perf_counter()
-    loaded = await expiry_lateness(target, args.expiring)
+    say(f"expiry of {args.expiring} sessions under {args.load_rps:g} switches/s")
+    loaded, loaded_delivered = await expiry_lateness(target, args.expiring)
     stop.set()
     sent = await load
     load_rate = sent / (time.perf_counter() - t1)
@@ -288,7 +296,8 @@ async def measure(target: Target, n: int, args: argparse.Namespace,
     return {"sessions": n, "create_s": create_s, "rss_before_mb": rss0 / 1024, "rss_after_mb": rss1 / 1024,
             "rss_kb_per_session": (rss1 - rss0) / max(1, n), "get": lat["get"], "switch": lat["switch"],
             "quiet": quiet, "quiet_lag": lag_between(lag0, lag1), "load_rps": load_rate, "loaded": loaded,
-            "load_lag": lag_between(lag1, lag2), "expiring": args.expiring, "settle_s": settle_s}
+            "load_lag": lag_between(lag1, lag2), "expiring": args.expiring, "settle_s": settle_s,
+            "quiet_delivered": quiet_delivered, "loaded_delivered": loaded_delivered}
 
 
 def record(report: Report, r: dict[str, Any]) -> None:
@@ -299,6 +308,9 @@ def record(report: Report, r: dict[str, Any]) -> None:
     report.latency(f"{n}.expiry_quiet", r["quiet"], f"{n} live: expiry lateness, quiet")
     report.latency(f"{n}.expiry_load", r["loaded"], f"{n} live: expiry lateness, {r['load_rps']:.0f} switches/s",
                    baseline=f"{n}.expiry_quiet")
+    report.latency(f"{n}.expiry_quiet_delivered", r["quiet_delivered"], f"{n} live: expiry delivered, quiet")
+    report.latency(f"{n}.expiry_load_delivered", r["loaded_delivered"],
+                   f"{n} live: expiry delivered, {r['load_rps']:.0f} switches/s", baseline=f"{n}.expiry_quiet_delivered")
     report.value(f"{n}.rss_kb_per_session", r["rss_kb_per_session"], "KB", f"{n} live: server RSS per session")
     report.value(f"{n}.rss_mb", r["rss_after_mb"], "MB", f"{n} live: server RSS")
     report.value(f"{n}.create_s", r["create_s"], "s", f"{n} live: time to create and start them")
