@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slow-reader", action="store_true",
                    help="then run the switches again with one more watcher that never reads, until the "
                         "server drops it (expected close code 1013)")
-    p.add_argument("--slow-max-switches", type=int, default=1500,
+    p.add_argument("--slow-max-switches", type=int, default=5000,
                    help="with --slow-reader: switches sent at most (and 60 s) until the server closes it")
     p.add_argument("--send-queue", type=int, default=None,
                    help="KAIROS_WS_SEND_QUEUE of a server started here (KB a socket may leave unsent before "
@@ -499,12 +499,12 @@ async def slow_phase(target: Target, slow: SlowReader, sid: str, switches: int, 
             n += 1
         now = await server_counters(target)
         if now.get("kairos_ws_dropped_total", 0) > before.get("kairos_ws_dropped_total", 0):
-            how = "1013 (unsent bytes over the bound)"
+            how = "closed 1013 (unsent bytes over the bound)"
         elif now.get("kairos_ws_connections", 0) < before.get("kairos_ws_connections", 0) + 1:
-            how = "closed without a drop: 1011 (heartbeat missed)"
+            how = "closed, not for its unsent bytes: 1011 (heartbeat missed)"
         if how:
             break
-    return {"switches": n, "seconds": time.monotonic() - t0, "server_close": how or "not closed",
+    return {"switches": n, "seconds": time.monotonic() - t0, "server_close": how or "still open",
             "client_close_code": await slow.close_code(), "last_version": version}
 
 
@@ -563,12 +563,12 @@ def slow_lines(r: dict[str, Any]) -> list[str]:
     if not s:
         return []
     code = s["client_close_code"]
-    verdict = "OK" if s["server_close"].startswith("1013") else "MISS"
+    verdict = "OK" if "1013" in s["server_close"] else "MISS"
     return [f"  with one socket that never reads ({r['switches']} measured switches): others' "
             f"delivery p50 {s['p50_ms']:.1f}  p99 {s['p99_ms']:.1f}  max {s['max_ms']:.1f} ms "
             f"(without: {r['p50_ms']:.1f} / {r['p99_ms']:.1f} / {r['max_ms']:.1f}); all served p99 "
             f"{s['all_p99_ms']:.1f} ms; missed {s['missed']}",
-            f"  slow socket, after {s['switches']} switches in {s['seconds']:.1f} s: server closed it "
+            f"  slow socket, after {s['switches']} switches in {s['seconds']:.1f} s: server: "
             f"{s['server_close']}; the client saw close code {code} (None: reset, the close frame "
             f"could not get out) (expected 1013: {verdict})"]
 
@@ -592,7 +592,7 @@ def record(report: Report, r: dict[str, Any]) -> None:
     if "slow" in r:
         report.latency(f"{n}.delivery_slow", smp["delivery_slow"],
                        f"{n} watchers: each STATE_UPDATE, one socket not reading", baseline=f"{n}.delivery")
-        report.value(f"{n}.slow_dropped_1013", float(r["slow"]["server_close"].startswith("1013")), "",
+        report.value(f"{n}.slow_dropped_1013", float("1013" in r["slow"]["server_close"]), "",
                      f"{n} watchers: socket not reading dropped with 1013 (1) or not (0)")
     for line in report_lines(r):
         report.note(line)
