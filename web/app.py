@@ -25,7 +25,7 @@ from actors.clock import ClusterClock, local_ns
 from actors.connection import open_pubsub, open_redis
 from actors.fanout import FanOut
 from actors.outbox.audit import AuditServices
-from web import apidocs, hygiene, metrics
+from web import apidocs, gctune, hygiene, metrics
 from web import cors as web_cors
 from web import errors as web_errors
 from web.auth import Authenticator
@@ -145,6 +145,7 @@ def create_app(settings: Settings) -> Quart:
             # Long-lived objects created at start never need scanning by the cyclic GC again.
             gc.collect()
             gc.freeze()
+            gctune.install()  # and what survives a costly full collection from now on
             log.info("serving", instance_id=svc.instance_id)
             yield
             started = time.monotonic()
