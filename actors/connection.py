@@ -29,7 +29,7 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     ConnectionError,
-    SlotNotCoveredError,
+    RedisClusterException,
     TimeoutError,
     TryAgainError,
 )
@@ -37,9 +37,10 @@ from redis.exceptions import (
 # Redis errors after which trying again later is right (the router retries to its deadline, a
 # read answers 503): a lost connection or a timeout, and on a cluster a slot whose keys are being
 # migrated (TRYAGAIN: nothing ran), a slot without a master during a node failover
-# (CLUSTERDOWN), and MOVED/ASK still coming after redis-py's own redirections.
+# (CLUSTERDOWN, or redis-py finding no node for it while it reloads the slot map), and MOVED/ASK
+# still coming after redis-py's own redirections.
 UNAVAILABLE: tuple[type[Exception], ...] = (
-    ConnectionError, TimeoutError, TryAgainError, ClusterDownError, SlotNotCoveredError, AskError)
+    ConnectionError, TimeoutError, TryAgainError, ClusterDownError, RedisClusterException, AskError)
 
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"

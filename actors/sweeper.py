@@ -41,9 +41,14 @@ class Sweeper:
     async def sweep_once(self) -> int:
         """One pass over every partition; returns how many sessions were adopted (the most of
         one partition: a full batch there sweeps again at once)."""
-        most = 0
+        most, failed = 0, None
         for partition in range(len(self._offsets)):
-            most = max(most, await self._sweep_partition(partition))
+            try:
+                most = max(most, await self._sweep_partition(partition))
+            except Exception as e:  # one partition's master away (a cluster failover): sweep the others
+                failed = failed or e
+        if failed is not None:
+            raise failed
         return most
 
     async def _sweep_partition(self, partition: int) -> int:
