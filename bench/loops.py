@@ -84,7 +84,8 @@ class Switcher:
 
 class Watcher:
     """A WebSocket client of one session. On a close it reconnects to the next URL of `urls` and
-    sends RECONNECT (the server answers STATE_SYNC); a version gap also asks for a re-sync."""
+    sends RECONNECT (the server answers STATE_SYNC), whether or not it saw a state before; a
+    version gap also asks for a re-sync."""
 
     def __init__(self, sid: str, urls: list[str], token: str) -> None:
         self.sid, self.urls, self.token = sid, urls, token
@@ -109,7 +110,7 @@ class Watcher:
                     first = json.loads(await ws.recv())
                     if first.get("type") != "CONNECTED":  # e.g. a draining instance refusing us
                         raise ConnectionClosed(None, None)
-                    if self.versions:
+                    if self.closes:  # a reconnect: ask for the state (changes in between are lost)
                         await ws.send(json.dumps({"type": "RECONNECT", "last_version": self.last_version}))
                     self.connected.set()
                     self.url = url

@@ -50,7 +50,7 @@ class CarefulWatcher(Watcher):
     ERROR (the instance could not read the session just then, e.g. Redis was restarting)."""
 
     async def _on_frame(self, ws: Any, frame: dict[str, Any]) -> None:
-        if frame.get("type") == "ERROR" and "request_id" not in frame and self.versions:
+        if frame.get("type") == "ERROR" and "request_id" not in frame:
             await anyio.sleep(0.2)  # a client's back-off before asking again
             await ws.send(json.dumps({"type": "RECONNECT", "last_version": self.last_version}))
             return
