@@ -120,14 +120,19 @@ class RawWS:
             frames, self._head = self._head + frames, b""
         self.transport.write(frames)
 
+    def _control(self, frame: bytes) -> None:
+        """Write a frame of our own unless the connection is going (uvloop raises on a write to a
+        closed transport; the read task has not necessarily seen the end yet)."""
+        if not self.transport.is_closing():
+            self.write(frame)
+
     def close(self, code: int, reason: str = "") -> None:
         """Send a close frame; the client's answer closes the connection (or, after a while
         without one, we drop it)."""
         if self.state != OPEN:
             return
         self.state = CLOSING
-        if not self.transport.is_closing():
-            self.write(close_frame(code, reason))
+        self._control(close_frame(code, reason))
         self._timer = asyncio.get_running_loop().call_later(_CLOSE_WAIT_S, self.abort)
 
     def abort(self) -> None:
@@ -141,11 +146,11 @@ class RawWS:
             return
         if not self.pong:
             self.state = CLOSED
-            self.write(close_frame(1011, "Heartbeat missed"))
+            self._control(close_frame(1011, "Heartbeat missed"))
             self.transport.close()  # the read task sees the end and cleans up
             return
         self.pong = False
-        self.write(_PING)
+        self._control(_PING)
 
     # -------- reading (in the connection's read task)
 
@@ -205,7 +210,7 @@ class RawWS:
             payload = _unmask(buf[pos + head + 4:pos + head + 4 + n], mask)
             pos += head + 4 + n
             if opcode & 0x8:
-                if await self._control(opcode, payload):
+                if await self._received_control(opcode, payload):
                     return
                 continue
             if (opcode == 0) == (self._parts is None):  # continuation without a start, or
@@ -236,16 +241,16 @@ class RawWS:
             # the handler may have taken a while: new bytes went to a later `_received`
         self._buf = bytes(buf[pos:]) if pos < end else b""
 
-    async def _control(self, opcode: int, payload: bytes) -> bool:
+    async def _received_control(self, opcode: int, payload: bytes) -> bool:
         """A control frame; True when the connection is finished."""
         if opcode == 0x9:  # ping
             if self.state == OPEN:
-                self.write(_frame(0x8A, payload))
+                self._control(_frame(0x8A, payload))
         elif opcode == 0xA:  # pong
             self.pong = True
         elif opcode == 0x8:  # close: answer it (unless it answers ours), then end the connection
             if self.state == OPEN:
-                self.write(_frame(0x88, payload[:2] if len(payload) >= 2 else b""))
+                self._control(_frame(0x88, payload[:2] if len(payload) >= 2 else b""))
             self.state = CLOSED
             await self.send(StreamClosed(stream_id=STREAM_ID))
             return True
@@ -257,7 +262,7 @@ class RawWS:
     async def _fail(self, code: int) -> None:
         """A protocol violation: close frame with `code`, then end the connection."""
         if self.state == OPEN:
-            self.write(close_frame(code))
+            self._control(close_frame(code))
         self.state = CLOSED
         await self.send(StreamClosed(stream_id=STREAM_ID))
 

@@ -289,7 +289,10 @@ class Relays:
             tick = (tick + 1) % _HEARTBEAT_SLOTS
             for sock in list(self._slots[tick]):
                 if sock.raw is not None:
-                    sock.raw.heartbeat()
+                    try:
+                        sock.raw.heartbeat()
+                    except Exception:  # one socket must never stop the heartbeat of the others
+                        log.exception("heartbeat failed", session_id=sock.sid)
 
     async def resync(self, session_ids: list[str]) -> None:
         """After a fan-out gap (pub/sub reconnect): a fresh STATE_SYNC to every socket of these
@@ -423,8 +426,9 @@ class WsHandler:
         except Refused as r:
             link.close(r.code, r.reason)
             return
-        link.sock = sock
-        link.write(text_frame(self.hello(sock).encode()))
+        link.sock = sock  # from here on, the end of the connection unsubscribes it
+        if link.writable():  # (the client may have gone while we checked)
+            link.write(text_frame(self.hello(sock).encode()))
         sock.connected()
 
     async def message(self, link: RawWS, data: str | bytes) -> None:

@@ -117,6 +117,9 @@ class _Transport:
     def abort(self) -> None:
         self.aborted = True
 
+    def close(self) -> None:
+        self.aborted = True
+
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the server runs on asyncio (uvloop)
@@ -139,6 +142,31 @@ async def test_frames_are_framed_once_and_a_reader_that_stops_is_dropped_at_its_
     assert sock.close_code == 1013 and link.state == CLOSING
     assert bytes(transport.data) == 2 * frames.data + close_frame(1013, "Client too slow")
     assert not sock.send(frames)
+    link._timer.cancel()  # type: ignore[union-attr]
+
+
+class _ClosedTransport(_Transport):
+    """A connection the client has dropped, its end not yet seen by the read task: uvloop raises
+    on any write."""
+
+    def is_closing(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_heartbeat_and_close_of_a_dropped_connection_write_nothing() -> None:
+    """A raising heartbeat write stopped the heartbeat task, and with it the instance's services."""
+    for pong in (True, False):  # the ping, or the drop of a socket that missed the last one
+        link = RawWS(None, _ClosedTransport(), None, None, 65536)  # type: ignore[arg-type]
+        link.pong = pong
+        link.heartbeat()
+    link = RawWS(None, _ClosedTransport(), None, None, 65536)  # type: ignore[arg-type]
+    Socket(2, link).close(1012, "Service restart")
+    assert link.state == CLOSING
     link._timer.cancel()  # type: ignore[union-attr]
 
 
