@@ -7,6 +7,9 @@ keeping the one with the lowest delay (its error is at most half that delay), re
 seconds. The local clock it corrects advances with `time.monotonic_ns()` (a wall-clock step
 between two measurements moves nothing); the offset absorbs where the wall clock stood at start.
 
+On a Redis Cluster every node has its own clock (its machine's): every instance measures against
+the same one, the master of the slot of the deployment's `layout` key (`time_source`).
+
 Until a measurement within `max_error_ms` exists, `synced()` is False: the instance is not ready
 and claims no session. The error of a kept measurement grows with its age (drift allowance), so
 an instance that cannot measure for minutes stops claiming too.
@@ -21,6 +24,8 @@ from typing import Any
 
 import anyio
 
+from actors.connection import is_cluster
+from actors.keys import Keys
 from actors.metrics import CLOCK_ERROR, CLOCK_OFFSET
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,23 @@ def local_ns() -> int:
 
 
 _ANCHOR_NS = time.time_ns() - time.monotonic_ns()
+
+
+def time_source(redis: Any, key_prefix: str) -> Any:
+    """What `ClusterClock.measure` asks `time()` of: `redis` itself, or on a Redis Cluster the
+    master of one agreed slot (a cluster client sends TIME to a node of its own choosing)."""
+    if not is_cluster(redis):
+        return redis
+    return _NodeTime(redis, Keys(key_prefix).layout)
+
+
+class _NodeTime:
+    def __init__(self, redis: Any, key: str) -> None:
+        self.redis, self.key = redis, key
+
+    async def time(self) -> Any:
+        await self.redis.initialize()  # the slot map (a no-op once loaded)
+        return await self.redis.time(target_nodes=self.redis.get_node_from_key(self.key))
 
 
 class ClusterClock:

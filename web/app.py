@@ -21,7 +21,7 @@ import structlog
 from quart import Quart, Response
 from quart_schema import QuartSchema
 
-from actors.clock import ClusterClock, local_ns
+from actors.clock import ClusterClock, local_ns, time_source
 from actors.connection import open_pubsub, open_redis
 from actors.fanout import FanOut
 from actors.outbox.audit import AuditServices
@@ -192,11 +192,12 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
     metrics.watch_gc()
     stack.callback(tg.cancel_scope.cancel)
     clock = svc.clock
+    reference = time_source(svc.redis, s.key_prefix)  # on a cluster: one agreed node's TIME
     try:  # measured before the host starts, so it claims sessions from the start
-        await clock.measure(svc.redis)
+        await clock.measure(reference)
     except Exception as e:
         log.warning("clock measurement failed", error=repr(e))
-    tg.start_soon(clock.run, svc.redis)
+    tg.start_soon(clock.run, reference)
     restore = None
     if s.database_url:
         svc.audit = await _open_audit(svc, stack)
