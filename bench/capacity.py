@@ -165,9 +165,10 @@ async def expiry_lateness(target: Target, n: int, conns: int = 8) -> tuple[list[
             [arrived[sid] - deadlines[sid] for sid in expired])
 
 
-async def switch_load(target: Target, sids: list[str], rps: float, stop: asyncio.Event, conns: int = 8) -> int:
-    """Switch random live sessions at `rps` per second (spread over `conns` connections) until
-    `stop`; returns how many were sent."""
+async def switch_load(target: Target, sids: list[str], rps: float, stop: asyncio.Event, conns: int = 32) -> int:
+    """Switch random live sessions at `rps` per second (spread over `conns` connections, enough
+    to keep the rate with a switch taking ~100 ms on a busy machine) until `stop`; returns how
+    many were sent."""
     pool = [await RawHttp(target.url, target.token).open() for _ in range(conns)]
     sent = 0
 
@@ -187,7 +188,7 @@ async def switch_load(target: Target, sids: list[str], rps: float, stop: asyncio
     return sent
 
 
-_SCRAPED = ("kairos_event_loop_lag_seconds", "kairos_gc_pause_seconds")
+_SCRAPED = ("kairos_event_loop_lag_seconds", "kairos_gc_pause_seconds", "kairos_gc_frozen_objects")
 
 
 async def server_state(target: Target) -> dict[str, float]:
@@ -243,6 +244,8 @@ def lag_between(a: dict[str, float], b: dict[str, float]) -> str:
                     - a.get(f'kairos_gc_pause_seconds_bucket{{generation="{gen}",le="0.01"}}', 0))
         if n:
             out += f"; gen{gen} GC {n:.0f}x mean {1000 * total / n:.2f} ms ({over:.0f} over 10 ms)"
+    if "kairos_gc_frozen_objects" in b:
+        out += f"; frozen objects {b['kairos_gc_frozen_objects'] / 1e6:.2f} M"
     secs = max(1e-9, b["t"] - a["t"])
     out += (f"; server CPU {100 * (b['cpu_s'] - a['cpu_s']) / secs:.0f}%, preempted "
             f"{(b['preempted'] - a['preempted']) / secs:.0f}/s, load average {b['load']:.2f}")

@@ -488,6 +488,8 @@ async def slow_phase(target: Target, slow: SlowReader, sid: str, switches: int, 
     unsent bytes pass the bound (counted by kairos_ws_dropped_total), or 1011 when it missed a
     heartbeat pong (it reads nothing, so it answers no ping either)."""
     before = await server_counters(target)
+    pids = serving_pids(target.pid) if target.pid else []
+    fds0 = sum(socket_fds(p) for p in pids)
     await slow.open(target, sid)
     t0 = time.monotonic()
     for _ in range(switches):
@@ -504,8 +506,13 @@ async def slow_phase(target: Target, slow: SlowReader, sid: str, switches: int, 
             how = "closed, not for its unsent bytes: 1011 (heartbeat missed)"
         if how:
             break
+    lingering = None
+    if how and pids:  # closed as far as the server's counters go: is its connection gone too?
+        await asyncio.sleep(3)
+        lingering = sum(socket_fds(p) for p in pids) > fds0
     return {"switches": n, "seconds": time.monotonic() - t0, "server_close": how or "still open",
-            "client_close_code": await slow.close_code(), "last_version": version}
+            "client_close_code": await slow.close_code(), "last_version": version,
+            "server_fd_lingers": lingering}
 
 
 def deliveries(reports: list[dict[str, Any]], sent: dict[tuple[str, int], int]) -> dict[str, Any]:
@@ -570,7 +577,9 @@ def slow_lines(r: dict[str, Any]) -> list[str]:
             f"{s['all_p99_ms']:.1f} ms; missed {s['missed']}",
             f"  slow socket, after {s['switches']} switches in {s['seconds']:.1f} s: server: "
             f"{s['server_close']}; the client saw close code {code} (None: reset, the close frame "
-            f"could not get out) (expected 1013: {verdict})"]
+            f"could not get out) (expected 1013: {verdict}); 3 s after that the server "
+            + {None: "was not checked", True: "STILL HELD its connection (unsent bytes keep it open)",
+               False: "held no connection for it"}[s["server_fd_lingers"]]]
 
 
 def record(report: Report, r: dict[str, Any]) -> None:

@@ -42,3 +42,11 @@ def test_install_is_idempotent_and_uninstall_removes_it() -> None:
     finally:
         gctune.uninstall()
     assert gctune._freeze_after_costly_full_collections not in gc.callbacks
+
+
+def test_frozen_objects_are_exported() -> None:
+    from prometheus_client import REGISTRY
+
+    from web import metrics  # noqa: F401 - registers the gauge
+
+    assert REGISTRY.get_sample_value("kairos_gc_frozen_objects") == gc.get_freeze_count()
