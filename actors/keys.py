@@ -594,12 +594,14 @@ class Scripts:
     "Too many connections" past `max_connections` (100), and a burst of concurrent commands on one
     host (e.g. hundreds of forwards) must queue, not error."""
 
-    def __init__(self, redis: redis.asyncio.Redis, keys: Keys, *, min_replicas_ack: int = 0) -> None:
+    def __init__(self, redis: redis.asyncio.Redis, keys: Keys, *, min_replicas_ack: int = 0,
+                 one_slot: bool | None = None) -> None:
         self.redis = redis
         self.keys = keys
-        # A Redis Cluster: every script keeps to one slot; steps that reach another slot (an
-        # instance's liveness key or inbox) are separate calls (see the cluster scripts above).
-        self.cluster = is_cluster(redis)
+        # A Redis Cluster (or `one_slot`, which tests use on one Redis): every script keeps to
+        # one slot; steps that reach another slot (an instance's liveness key or inbox) are
+        # separate calls (see the cluster scripts above).
+        self.cluster = is_cluster(redis) if one_slot is None else one_slot
         if self.cluster and min_replicas_ack:
             raise ValueError("min_replicas_ack is not supported on a Redis Cluster")
         self._write_keys = 4 if self.cluster else _WRITE_KEYS
@@ -633,7 +635,7 @@ class Scripts:
         would move the next entry and forget the one whose reply was lost); a failed read is
         followed by a re-read of the popped list instead."""
         if self._reader is None:
-            if self.cluster:
+            if is_cluster(self.redis):
                 self._reader = RedisCluster(
                     startup_nodes=[ClusterNode(n.host, n.port) for n in self.redis.get_nodes()]
                     or list(self.redis.nodes_manager.startup_nodes.values()),
