@@ -148,6 +148,8 @@ class RawWS:
             self.state = CLOSED
             self._control(close_frame(1011, "Heartbeat missed"))
             self.transport.close()  # the read task sees the end and cleans up
+            # A close waits for unsent bytes to go out, and a peer that is gone never takes them.
+            self._timer = asyncio.get_running_loop().call_later(_CLOSE_WAIT_S, self.abort)
             return
         self.pong = False
         self._control(_PING)

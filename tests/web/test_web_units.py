@@ -103,7 +103,7 @@ class _Transport:
 
     def __init__(self) -> None:
         self.data = bytearray()
-        self.aborted = False
+        self.aborted = self.closed = False
 
     def write(self, data: bytes) -> None:
         self.data += data
@@ -112,13 +112,13 @@ class _Transport:
         return len(self.data)
 
     def is_closing(self) -> bool:
-        return self.aborted
+        return self.aborted or self.closed
 
     def abort(self) -> None:
         self.aborted = True
 
     def close(self) -> None:
-        self.aborted = True
+        self.closed = True
 
 
 @pytest.mark.anyio
@@ -164,10 +164,32 @@ async def test_heartbeat_and_close_of_a_dropped_connection_write_nothing() -> No
         link = RawWS(None, _ClosedTransport(), None, None, 65536)  # type: ignore[arg-type]
         link.pong = pong
         link.heartbeat()
+        if link._timer is not None:
+            link._timer.cancel()
     link = RawWS(None, _ClosedTransport(), None, None, 65536)  # type: ignore[arg-type]
     Socket(2, link).close(1012, "Service restart")
     assert link.state == CLOSING
     link._timer.cancel()  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_socket_that_missed_a_heartbeat_is_aborted_if_its_close_cannot_flush() -> None:
+    """Closing waits for unsent bytes, which a vanished peer never takes: the connection stayed
+    open (bench fanout --slow-reader saw it 3 s after the heartbeat close)."""
+    import asyncio
+
+    transport = _Transport()
+    link = RawWS(None, transport, None, None, 65536)  # type: ignore[arg-type]
+    link.heartbeat()  # ping
+    link.heartbeat()  # no pong since: dropped
+    assert bytes(transport.data) == b"\x89\x00" + close_frame(1011, "Heartbeat missed")
+    assert transport.closed and not transport.aborted and link._timer is not None
+    when = link._timer.when() - asyncio.get_running_loop().time()
+    assert 0 < when <= 2.0
+    link._timer._run()  # type: ignore[attr-defined]  # the deadline passes: the close never ended
+    assert transport.aborted
+    link._timer.cancel()
 
 
 def test_pydantic_errors_become_dotted_details() -> None:
