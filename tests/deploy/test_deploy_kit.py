@@ -45,7 +45,7 @@ def _canon(name: str) -> str:
 CHECKED = {
     "Dockerfile", "requirements.txt", "compose.yaml", "kairos.env.example", "nginx.conf", "fly.toml",
     "railway.toml", "kubernetes/deployment.yaml", "grafana-dashboard.json", "prometheus-rules.yaml",
-    "prometheus-rules.test.yaml", "compose.sentinel.yaml",
+    "prometheus-rules.test.yaml", "compose.sentinel.yaml", "compose.cluster.yaml",
 }
 
 
@@ -190,6 +190,35 @@ def test_compose_sentinel_variant_follows_a_master_watched_by_three_sentinels() 
         settings = Settings(**env, jwt_secret="x" * 32)
         assert settings.redis_url == "redis+sentinel://sentinel1:26379,sentinel2:26379,sentinel3:26379/kairos"
         assert settings.redis_min_replicas_ack >= 1
+
+
+def test_compose_cluster_variant_runs_on_three_masters_with_a_replica_each() -> None:
+    path = DEPLOY / "compose.cluster.yaml"
+    done = _run(sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    services = yaml.safe_load(path.read_text())["services"]
+    nodes = sorted(name for name in services if re.fullmatch(r"redis\d", name))
+    assert nodes == [f"redis{i}" for i in range(1, 7)]
+    for name in nodes:
+        command = " ".join(services[name]["command"])
+        assert "--cluster-enabled yes" in command and "--appendonly yes" in command
+        assert "--maxmemory-policy noeviction" in command and services[name]["volumes"]
+    create = services["redis-cluster-init"]["command"][-1]
+    assert "--cluster create" in create and "--cluster-replicas 1" in create
+    assert all(f"redis{i}" in create for i in range(1, 7))
+    from web.settings import Settings
+
+    kairos = [s for name, s in services.items() if name.startswith("kairos")]
+    assert len({s["environment"]["KAIROS_INSTANCE_ID"] for s in kairos}) == 3
+    for s in kairos:
+        assert s["depends_on"]["redis-cluster-init"] == {"condition": "service_completed_successfully"}
+        env = {k.removeprefix("KAIROS_").lower(): v for k, v in s["environment"].items()}
+        settings = Settings(**env, jwt_secret="x" * 32)
+        assert settings.redis_url == "redis+cluster://redis1:6379,redis2:6379,redis3:6379"
+        assert settings.partitions == 16
+    for name, s in services.items():
+        if name != "redis-cluster-init":  # a one-shot job: it exits once the cluster is formed
+            assert s.get("restart") == "unless-stopped" and "healthcheck" in s, name
 
 
 def test_nginx_config_is_valid_and_proxies_websockets() -> None:
