@@ -240,3 +240,23 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+@pytest.mark.timeout(240)
+def test_switch_and_actor_on_one_and_two_masters_report_throughput_per_master(
+        tmp_path: Path, database_url: str) -> None:
+    for command, sizes in (("switch", ["-n", "20", "--seconds", "0.6", "--sessions", "8", "--connections", "4",
+                                       "--no-ws"]),
+                           ("actor", ["-n", "128"])):
+        out = tmp_path / f"{command}.json"
+        done = _bench([sys.executable, "-m", "bench", command, "--quiet", "--masters", "1,2", "--rounds", "2",
+                       *sizes, *(["--database-url", database_url] if command == "switch" else []),
+                       "--json", str(out)], cwd=REPO, timeout=200)
+        assert done.returncode == 0, done.stderr[-3000:]
+        values = json.loads(out.read_text())["runs"][command]["values"]
+        rate = "switches_per_s" if command == "switch" else "asks_per_s"
+        one, two = values[f"1m_{rate}"], values[f"2m_{rate}"]
+        assert one["value"] > 0 and two["value"] > 0
+        assert two["baseline"] == f"1m_{rate}" and two["ratio"] == pytest.approx(two["value"] / one["value"])
+        assert values[f"2m_{rate}_per_master"]["value"] == pytest.approx(two["value"] / 2)
+        assert "load average" in done.stdout
