@@ -77,7 +77,10 @@ def open_redis(url: str, **kwargs: Any) -> Any:
     """A client for `url` (see the module docstring); `kwargs` go to every data connection."""
     if is_cluster_url(url):
         nodes, options = parse_cluster_url(url)
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **{**options, **kwargs})
+        # reinitialize_steps=0: a MOVED (a resharded slot) only updates that slot; by default every
+        # fifth one closes every connection, under the commands other tasks have in flight
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], reinitialize_steps=0,
+                            **{**options, **kwargs})
     if not url.startswith(SENTINEL_SCHEME + "://"):
         return aioredis.Redis.from_url(url, **kwargs)
     sentinels, master, options = parse_sentinel_url(url)

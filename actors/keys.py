@@ -851,7 +851,9 @@ class Scripts:
             for _attempt in range(2):
                 pipe = self.redis.pipeline(transaction=False)
                 for i in todo:
-                    pipe.evalsha(self._write.sha, self._write_keys, *batch[i])
+                    # execute_command, not evalsha(): redis-py's cluster pipeline refuses the
+                    # latter but routes this by the script's keys (all in one slot)
+                    pipe.execute_command("EVALSHA", self._write.sha, self._write_keys, *batch[i])
                 if replicas:
                     pipe.execute_command("WAIT", replicas, REPLICA_WAIT_MS)
                 answers = await pipe.execute(raise_on_error=False)
