@@ -1,7 +1,7 @@
 """Kairos on a Redis Cluster: three real masters (redis-server processes), two `kairos serve`
 given KAIROS_REDIS_CLUSTER_NODES. Sessions spread over partitions on every master are created,
-started, switched through the instance that does not own them (forwarded), watched over
-WebSocket, audited, and expire; the owner is SIGKILLed and its sessions are taken over."""
+started, switched through the instance that does not own them (forwarded) and many at once on
+their owner (pipelined writes), watched over WebSocket, audited, and expire; the owner is SIGKILLed and its sessions are taken over."""
 
 from __future__ import annotations
 
@@ -81,14 +81,24 @@ async def test_sessions_on_every_master_run_forwarded_watched_audited_and_taken_
             await wait_until(lambda: 3 in watcher.versions, 10, "the forwarded switch over WebSocket on b")
             watcher.stopped = True
             tg.cancel_scope.cancel()
+        # concurrent switches on the owner: its writes leave together in pipelines (one per node)
+        answers: list[int] = []
+
+        async def switch(sid: str) -> None:
+            answers.append((await http.post(f"{a.url}/v1/sessions/{sid}/switch", json={})).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for sid in sids * 3:
+                tg.start_soon(switch, sid)
+        assert answers == [200] * len(sids) * 3
         for sid in sids:
             assert await owner_of(http, b.url, sid, admin) == a.env["KAIROS_INSTANCE_ID"]
             state = (await http.get(f"{b.url}/v1/sessions/{sid}")).json()["data"]
-            assert state["version"] == 3 and total_cycles(state) == 1
+            assert state["version"] == 6 and total_cycles(state) == 4
 
         async def audited() -> bool:
             r = await http.get(f"{b.url}/v1/sessions/{sids[-1]}/events")
-            return r.status_code == 200 and len({e["version"] for e in r.json()["data"]}) == 3
+            return r.status_code == 200 and len({e["version"] for e in r.json()["data"]}) == 6
 
         await wait_until(audited, 10, "the audit read every partition's outbox")
 
@@ -110,7 +120,7 @@ async def test_sessions_on_every_master_run_forwarded_watched_audited_and_taken_
         for sid in sids[:4]:
             r = await http.post(f"{b.url}/v1/sessions/{sid}/switch", json={})
             assert r.status_code == 200, r.text
-            assert r.json()["data"]["version"] == 4
+            assert r.json()["data"]["version"] == 7
         assert time.monotonic() - killed < 4 * LEASE_TTL_MS / 1000 + 2
 
         async def expired() -> bool:
