@@ -42,6 +42,15 @@ from redis.exceptions import (
 UNAVAILABLE: tuple[type[Exception], ...] = (
     ConnectionError, TimeoutError, TryAgainError, ClusterDownError, RedisClusterException, AskError)
 
+
+
+def unavailable(error: BaseException) -> bool:
+    """Whether `error` means Redis could not run the command now (`UNAVAILABLE`), including the
+    RuntimeError of a connection closed under a command in flight: redis-py's cluster client
+    closes all its connections to reload the slot map after a CLUSTERDOWN (a master failover)."""
+    return isinstance(error, UNAVAILABLE) or (isinstance(error, RuntimeError) and "is closed" in str(error))
+
+
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
 

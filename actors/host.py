@@ -23,7 +23,7 @@ import anyio.lowlevel
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from actors.actor import Actor, Lease, Reply
-from actors.connection import UNAVAILABLE, connection_kwargs, pubsub_client
+from actors.connection import connection_kwargs, pubsub_client, unavailable
 from actors.keys import Keys, Scripts
 from actors.membership import Membership
 from actors.metrics import DRAIN_SECONDS, LEASES_CLAIMED, LIVENESS_LOST
@@ -173,7 +173,9 @@ class Host:
                 # A pooled connection from before a Redis restart fails once and is dropped; a
                 # read is safe to send again (on a fresh connection).
                 raw = await self.scripts.do_load_checkpoint(session_id)
-        except UNAVAILABLE as e:
+        except Exception as e:
+            if not unavailable(e):
+                raise
             raise Unavailable("Session store unreachable, please retry", retry_after=1) from e
         if raw is not None:
             return codec.decode(raw)

@@ -23,7 +23,7 @@ import anyio.lowlevel
 import msgpack
 
 from actors.actor import Lease, Moved, Reply, ReplyTo
-from actors.connection import UNAVAILABLE
+from actors.connection import unavailable
 from actors.metrics import COMMANDS_RETRIED
 from kairos import codec
 from kairos.commands import (
@@ -192,7 +192,9 @@ class Router:
                             if not forward:
                                 raise Moved(session_id)
                             await anyio.sleep(0.01)
-                except UNAVAILABLE as e:
+                except Exception as e:
+                    if not unavailable(e):
+                        raise
                     # Redis unreachable (or a cluster slot moving): keep trying until the deadline,
                     # then 503 (never a 500)
                     log.warning("routing %s failed: %r", session_id, e)

@@ -63,3 +63,16 @@ def test_cluster_settings_compose_the_url_and_default_to_16_partitions(monkeypat
     monkeypatch.delenv("KAIROS_REDIS_CLUSTER_NODES")
     monkeypatch.delenv("KAIROS_REDIS_PARTITIONS")
     assert load().partitions == 1
+
+
+def test_errors_that_mean_try_again_later() -> None:
+    from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from actors.connection import unavailable
+
+    closed = RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+    for error in (RedisConnectionError(), TryAgainError(), ClusterDownError("CLUSTERDOWN"), closed):
+        assert unavailable(error), error
+    for error in (RuntimeError("a bug"), ResponseError("WRONGTYPE"), ValueError()):
+        assert not unavailable(error), error
