@@ -5,9 +5,14 @@ to the oldest generation; a full collection then walks all of them: ~110 ms for 
 states here, during which no timer fires and no request is answered. Start-up, bulk activation
 and socket joins already `gc.freeze()` what they create; on top of that, after a full collection
 that cost more than `FREEZE_AFTER_CPU_S` of CPU, what survived it is frozen too, so the next full
-collection only walks what was allocated since. Garbage that is frozen is never collected when it
-forms a cycle later (acyclic garbage is freed by reference counting as usual); only expensive
-collections freeze, so that stays rare.
+collection only walks what was allocated since.
+
+Frozen objects that later become cyclic garbage (an ended session's task and its frames) are not
+collected while frozen (acyclic garbage is freed by reference counting as usual). So that this
+stays bounded, once the frozen count has grown by `RECLAIM_GROWTH` since the last reclaim, the
+next costly collection unfreezes instead of freezing: the one after it walks everything once,
+frees that garbage, and freezes the survivors again. One long collection per doubling of the
+frozen set: its cost is spread over the churn that caused it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 
 # CPU (not wall) time, so a collection that was merely preempted on a busy machine does not count.
 FREEZE_AFTER_CPU_S = 0.005
+RECLAIM_GROWTH = 2.0  # frozen count, as a multiple of the count after the last reclaim
 _started = [0.0]  # CPU time at the start of the running full collection
+_reclaimed = [0]  # frozen count just after the last reclaim (0: none yet)
 
 
 def _freeze_after_costly_full_collections(phase: str, info: dict[str, Any]) -> None:
@@ -28,6 +35,12 @@ def _freeze_after_costly_full_collections(phase: str, info: dict[str, Any]) -> N
         _started[0] = time.process_time()
     elif time.process_time() - _started[0] > FREEZE_AFTER_CPU_S:
         gc.freeze()  # the young generations are empty now: only survivors of the collection move
+        frozen = gc.get_freeze_count()
+        if not _reclaimed[0]:
+            _reclaimed[0] = frozen
+        elif frozen > RECLAIM_GROWTH * _reclaimed[0]:
+            gc.unfreeze()  # the next full collection walks (and frees) what was frozen
+            _reclaimed[0] = 0
 
 
 def install() -> None:

@@ -19,7 +19,8 @@ def installed() -> Iterator[None]:
         gctune.uninstall()
 
 
-def test_survivors_of_a_costly_full_collection_are_frozen(installed: None) -> None:
+def test_survivors_of_a_costly_full_collection_are_frozen(installed: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gctune, "RECLAIM_GROWTH", float("inf"))  # no reclaim in this one
     gc.collect()
     before = gc.get_freeze_count()
     gc.collect()  # nothing new since: a cheap collection
@@ -50,3 +51,41 @@ def test_frozen_objects_are_exported() -> None:
     from web import metrics  # noqa: F401 - registers the gauge
 
     assert REGISTRY.get_sample_value("kairos_gc_frozen_objects") == gc.get_freeze_count()
+
+
+
+class _Cycle:
+    """An object in a reference cycle: only the cyclic GC can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def _long_lived(n: int) -> list[list[int]]:
+    gc.disable()  # no automatic collection while they are made: the next full one walks them all
+    try:
+        return [[i] for i in range(n)]
+    finally:
+        gc.enable()
+
+
+def test_frozen_cyclic_garbage_is_reclaimed_once_the_frozen_set_has_grown(installed: None) -> None:
+    import weakref
+
+    gc.unfreeze()
+    gctune._reclaimed[0] = 0
+    cycle = _Cycle()
+    alive = weakref.ref(cycle)
+    states = _long_lived(300_000)
+    gc.collect()  # costly: the survivors, the cycle among them, are frozen; the reclaim baseline
+    baseline = gctune._reclaimed[0]
+    assert baseline == gc.get_freeze_count() >= len(states)
+    del cycle
+    gc.collect()
+    assert alive() is not None  # frozen cyclic garbage: out of the collector's reach
+    more = _long_lived(int(baseline * gctune.RECLAIM_GROWTH))
+    gc.collect()  # costly, and the frozen set would pass RECLAIM_GROWTH x baseline: unfrozen
+    assert gc.get_freeze_count() == 0
+    gc.collect()  # walks everything once
+    assert alive() is None
+    assert gc.get_freeze_count() >= len(states) + len(more)  # survivors frozen again
