@@ -389,8 +389,11 @@ class WsHandler:
         except KairosError:
             raise Refused(1008, "Unauthorized") from None
         gated = False
+        version = 0
         try:
-            A.require_read(caller, await svc.host.get(sid))
+            state = await svc.host.get(sid)
+            A.require_read(caller, state)
+            version = state.version
         except SessionNotFound:
             # Clients may subscribe before they create (SyncKairos v2): wait for the session.
             gated = not caller.is_admin
@@ -398,6 +401,9 @@ class WsHandler:
             raise Refused(1008, "Forbidden") from None
         kind = GatedSocket if gated else Socket
         sock = kind(svc.settings.ws_send_queue, raw, sid=sid, caller=caller, peer=peer)
+        # Changes up to the version read here happened before this socket: an update of one of
+        # them still on its way through pub/sub (late across a cluster bus) is not sent to it.
+        sock.version = version
         metrics.WS_CONNECTIONS.inc()
         structlog.contextvars.bind_contextvars(session_id=sid, sub=caller.sub)
         log.info("websocket connected", client=peer, user_agent=header("user-agent"))

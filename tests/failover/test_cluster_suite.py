@@ -41,12 +41,10 @@ from tests.web.test_web_rest import (  # noqa: F401 (collected here: the REST co
     test_switch_result_shape_and_version,
     test_switch_with_same_idempotency_key_applies_once,
 )
-
-# Not test_connected_then_updates_sync_and_pong nor ..._reaches_a_socket_on_the_other: on a cluster
-# the create's publication crosses the cluster bus and can reach a socket that connected after the
-# create (a STATE_UPDATE of version 1 where they expect the start's version 2 first).
 from tests.web.test_web_ws import (  # noqa: F401 (collected here: the WebSocket contract on the cluster)
+    test_change_through_one_instance_reaches_a_socket_on_the_other,
     test_commands_over_the_socket_answer_ack_or_error,
+    test_connected_then_updates_sync_and_pong,
     test_delete_sends_session_deleted_then_closes_1000,
     test_server_made_expiry_sends_warning_then_expired_then_update,
 )

@@ -474,3 +474,34 @@ def test_fragments_pings_and_protocol_errors_follow_rfc_6455(server: KairosServe
     s.sendall(_client_frame(0x88, (1000).to_bytes(2, "big") + b"bye"))  # the client closes
     assert _read_until_closed(s)[0] == (0x88, (1000).to_bytes(2, "big"))
     s.close()
+
+
+async def test_an_update_from_before_the_socket_connected_is_not_sent_to_it(
+    server: KairosServer, redis_url: str, module_prefix: str
+) -> None:
+    """After CONNECTED a socket gets changes made since, not a late pub/sub copy of one made
+    before it connected (seen on a Redis Cluster, whose bus can deliver the create's update late)."""
+    import redis.asyncio as aioredis
+
+    from actors.keys import Keys
+
+    sid, _ = make_session(server)
+    tok = server.token("host-1")
+    channel = Keys(module_prefix).channel(sid)
+    client = aioredis.from_url(redis_url)
+    try:
+        async with httpx.AsyncClient(base_url=server.url, headers=bearer(tok)) as http:
+            state = (await http.get(f"/v1/sessions/{sid}")).json()["data"]
+            assert state["version"] == 1
+            async with connect(f"{server.ws_url}?sessionId={sid}&token={tok}") as ws:
+                hello = json.loads(await ws.recv())
+                assert hello["type"] == "CONNECTED"
+                # a late copy of the create's update, published on the channel as the owner does
+                late = {"session_id": sid, "version": 1, "server_time_ms": hello["timestamp"],
+                        "events": [], "state": state}
+                await client.publish(channel, json.dumps(late))
+                await http.post(f"/v1/sessions/{sid}/start")  # published after it
+                after = json.loads(await ws.recv())
+                assert (after["type"], after["state"]["version"]) == ("STATE_UPDATE", 2)
+    finally:
+        await client.aclose()
