@@ -41,16 +41,24 @@ async def _restart_under_two_instances(redis_server: RedisServer, database_url: 
             assert r.status_code == 503 and r.json()["error"]["code"] == "UNAVAILABLE"
             redis_server.start()  # same data (AOF always), same address
 
+            last: list[str] = []
+
             async def switch_ok(url: str, key: str) -> bool:
                 try:
                     r = await http.post(f"{url}/v1/sessions/{sid}/switch", headers={"Idempotency-Key": key},
                                         timeout=3)
-                except httpx.HTTPError:
+                except httpx.HTTPError as e:
+                    last[:] = [repr(e)]
                     return False
+                last[:] = [f"{r.status_code} {r.text}"]
                 return r.status_code == 200
 
-            await wait_until(lambda: switch_ok(a.url, "after-a"), 15, "a serving again")
-            await wait_until(lambda: switch_ok(b.url, "after-b"), 15, "b serving again")
+            for srv, name in ((a, "a"), (b, "b")):
+                try:
+                    await wait_until(lambda srv=srv, name=name: switch_ok(srv.url, f"after-{name}"), 15,
+                                     f"{name} serving again")
+                except AssertionError as e:
+                    raise AssertionError(f"{e}; last answer {last}\n-- a:\n{a.log_tail(60)}\n-- b:\n{b.log_tail(60)}") from None
             for srv in (a, b):
                 await wait_until(lambda srv=srv: _ready(http, srv.url), 15, "ready again")
             r = await http.get(f"{b.url}/v1/sessions/{sid}")
@@ -58,10 +66,10 @@ async def _restart_under_two_instances(redis_server: RedisServer, database_url: 
             state = r.json()["data"]
             # the 503 command may or may not have been applied before Redis died: replay it
             r = await http.post(f"{b.url}/v1/sessions/{sid}/switch", headers={"Idempotency-Key": "down"})
-            assert r.status_code == 200
+            assert r.status_code == 200, r.text
             before_replay = r.json()["data"]["version"]
             r = await http.post(f"{a.url}/v1/sessions/{sid}/switch", headers={"Idempotency-Key": "before-0"})
-            assert r.status_code == 200
+            assert r.status_code == 200, r.text
             final = (await http.get(f"{a.url}/v1/sessions/{sid}")).json()["data"]
     assert state["version"] >= acked[-1] + 2  # everything acknowledged before, plus the two after
     assert final["version"] == before_replay  # an acknowledged key is remembered, not applied again
