@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import tempfile
 import time
 import uuid
@@ -278,14 +277,7 @@ async def _run_masters(args: argparse.Namespace, report: Report, urls: dict[int,
         for n in urls:
             report.latency(f"{n}m_local_concurrent", _ms(conc[n]), f"{n}m local ask, 64 sessions concurrent",
                            baseline=f"{n}m_local")
-        for n in urls:
-            rate = len(conc[n]) / took[n]
-            report.value(f"{n}m_asks_per_s", rate, "/s", f"local asks/s, 64 sessions, {n} master(s)",
-                         baseline=f"{base}_asks_per_s")
-            report.value(f"{n}m_asks_per_s_per_master", rate / n, "/s", f"local asks/s per master, {n} master(s)",
-                         baseline=f"{base}_asks_per_s_per_master")
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    report.note(f"ratios are to {base}; load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores")
+        report.per_master("asks_per_s", "local asks/s, 64 sessions", {n: len(conc[n]) / took[n] for n in urls}, base)
 
 
 def run(args: argparse.Namespace, report: Report) -> None:

@@ -98,6 +98,16 @@ class Report:
         """A line printed under the table (and kept in the JSON)."""
         self.notes.append(text)
 
+    def per_master(self, name: str, what: str, rates: dict[int, float], base: str) -> None:
+        """Throughput on each Redis size (masters -> rate/s), in all and per master, as ratios to
+        size `base`; then the load average the ratios were measured under."""
+        for n, rate in rates.items():
+            self.value(f"{n}m_{name}", rate, "/s", f"{what} on {n} master(s)", baseline=f"{base}_{name}")
+            self.value(f"{n}m_{name}_per_master", rate / n, "/s", f"{what} per master, {n} master(s)",
+                       baseline=f"{base}_{name}_per_master")
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        self.note(f"ratios are to {base}; load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores")
+
     def latency_ratio(self, name: str, key: str = "p50") -> float | None:
         """`key` of latency `name` divided by the same percentile of its baseline."""
         lat = self.latencies[name]

@@ -323,17 +323,11 @@ def _run_masters(args: argparse.Namespace, report: Report) -> None:
         for n in sizes:
             report.latency(f"{n}m_switch_concurrent", lat[n], f"{n}m POST switch, {args.connections} connections",
                            baseline=f"{n}m_health")
+        report.per_master("switches_per_s", "switches/s", {n: len(lat[n]) / took[n] for n in sizes}, base)
         for n in sizes:
-            rate = len(lat[n]) / took[n]
-            report.value(f"{n}m_switches_per_s", rate, "/s", f"switches/s on {n} master(s)",
-                         baseline=f"{base}_switches_per_s")
-            report.value(f"{n}m_switches_per_s_per_master", rate / n, "/s", f"switches/s per master, {n} master(s)",
-                         baseline=f"{base}_switches_per_s_per_master")
             if lat[n]:
                 report.value(f"{n}m_server_cpu_ms_per_switch", cpu[n] * 1000 / len(lat[n]), "ms",
                              f"server CPU per switch, {n} master(s)", baseline=f"{base}_server_cpu_ms_per_switch")
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    report.note(f"ratios are to {base}; load average at the end (1, 5, 15 min): {load} on {os.cpu_count()} cores")
 
 
 def _targets(report: Report) -> None:
