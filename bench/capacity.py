@@ -188,7 +188,7 @@ async def switch_load(target: Target, sids: list[str], rps: float, stop: asyncio
     return sent
 
 
-_SCRAPED = ("kairos_event_loop_lag_seconds", "kairos_gc_pause_seconds", "kairos_gc_frozen_objects")
+_SCRAPED = ("kairos_event_loop_lag_seconds", "kairos_gc_pause_seconds")
 
 
 async def server_state(target: Target) -> dict[str, float]:
@@ -244,8 +244,6 @@ def lag_between(a: dict[str, float], b: dict[str, float]) -> str:
                     - a.get(f'kairos_gc_pause_seconds_bucket{{generation="{gen}",le="0.01"}}', 0))
         if n:
             out += f"; gen{gen} GC {n:.0f}x mean {1000 * total / n:.2f} ms ({over:.0f} over 10 ms)"
-    if "kairos_gc_frozen_objects" in b:
-        out += f"; frozen objects {b['kairos_gc_frozen_objects'] / 1e6:.2f} M"
     secs = max(1e-9, b["t"] - a["t"])
     out += (f"; server CPU {100 * (b['cpu_s'] - a['cpu_s']) / secs:.0f}%, preempted "
             f"{(b['preempted'] - a['preempted']) / secs:.0f}/s, load average {b['load']:.2f}")

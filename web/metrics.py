@@ -61,11 +61,6 @@ GC_PAUSE = Histogram(
 )
 
 
-GC_FROZEN = Gauge("kairos_gc_frozen_objects",
-                  "Objects moved out of the GC's reach by gc.freeze (grows with live sessions and sockets)")
-GC_FROZEN.set_function(gc.get_freeze_count)
-
-
 def watch_gc() -> None:
     """Time every collection of the cyclic GC into `kairos_gc_pause_seconds` (once per process)."""
     if any(getattr(cb, "__name__", "") == "_gc_timer" for cb in gc.callbacks):
