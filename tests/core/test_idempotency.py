@@ -169,3 +169,16 @@ def test_tick_and_delete_outcomes() -> None:
     assert apply(s, Tick(), S + 2000).outcome == {"version": 3, "expired_participant_id": P[0]}
     assert apply(s, Delete(command_id="d"), S).outcome == {"version": 3,
                                                            "expired_participant_id": None}
+
+
+def test_a_window_not_pruned_as_it_grew_shrinks_to_the_bound_at_once_and_to_its_rule_within_the_window() -> None:
+    # e.g. an older checkpoint: router ids and ids past the window anywhere, more than the bound
+    s = _started(bank=10 * IDEMPOTENCY_WINDOW_MS)
+    now = S + 10
+    recent = {f"{ROUTER_ID_PREFIX}r{k}" if k % 3 == 0 else f"k{k}":
+              {"version": 3, "expired_participant_id": None, "at_ms": now} for k in range(IDEMPOTENCY_MAX + 40)}
+    s.recent = recent
+    s = apply(s, Switch(command_id="next"), now + 1).state
+    assert len(s.recent) <= IDEMPOTENCY_MAX
+    s, now = _switches(s, 2, now + IDEMPOTENCY_WINDOW_MS, 1)
+    assert len(s.recent) == IDEMPOTENCY_WINDOW  # everything older than the last 64 has expired
