@@ -79,7 +79,7 @@ def test_once_the_window_passed_the_last_64_ids_stay_oldest_evicted_first() -> N
 def test_an_id_is_remembered_for_the_whole_window_even_after_many_newer_ids() -> None:
     s = _started()
     first = apply(s, Switch(command_id="early"), S + 100)
-    s, now = _switches(first.state, 200, S + 100, 1000)  # 200 newer ids within 201 s
+    s, now = _switches(first.state, IDEMPOTENCY_MAX - 8, S + 100, 1000)  # 120 newer ids within 121 s
     again = apply(s, Switch(command_id="early"), S + 100 + IDEMPOTENCY_WINDOW_MS - 1)
     assert again.replayed and again.outcome == first.outcome
     # remembered through a checkpoint too

@@ -165,9 +165,9 @@ async def _chaos(cluster: Cluster, redis_server: RedisServer, rng: random.Random
                 w.stopped = True
             tg.cancel_scope.cancel()
         # acknowledged keys sent again change nothing (keys the idempotency window still holds:
-        # it keeps at most 512 ids per session, and a quiet machine acknowledges ~1,000 here)
+        # it keeps at most 128 ids per session, and a quiet machine acknowledges ~1,000 here)
         for s in switchers:
-            for n in (max(0, len(s.acked) - 300), len(s.acked) - 1):
+            for n in (max(0, len(s.acked) - 100), len(s.acked) - 1):
                 r = await http.post(f"{urls[1]}/v1/sessions/{s.sid}/switch", headers={"Idempotency-Key": f"{s.sid[:8]}-{n}"})
                 assert r.status_code == 200, r.text
         replayed = {s.sid: (await http.get(f"{urls[2]}/v1/sessions/{s.sid}")).json()["data"] for s in switchers}
