@@ -10,7 +10,9 @@ has the matching STATE_UPDATE (by version) before the next. Reports:
   arrival; all sockets served (per switch, the slowest socket): p50/p99/max;
 - missed versions (a socket that never got a version it should have; must be 0);
 - connect time of all sockets (first connect -> last CONNECTED frame), p50/p99 per socket;
-- server RSS before/after connecting (and per socket), server CPU per delivered frame, the split
+- server RSS before/after connecting (and per socket), server CPU per delivered frame (next to
+  the floor: this process's own CPU per bare `send()` of one frame over as many loopback sockets,
+  which on loopback includes the receiving side's TCP work), the split
   of sockets over `--workers` processes, and each client process's own event-loop lag (a
   saturated client makes every figure look worse: it shows here).
 
@@ -24,6 +26,8 @@ import argparse
 import asyncio
 import json
 import os
+import resource
+import socket
 import sys
 import time
 import uuid
@@ -621,7 +625,8 @@ def record(report: Report, r: dict[str, Any]) -> None:
     report.value(f"{n}.missed", r["missed"], "", f"{n} watchers: versions missed")
     report.value(f"{n}.connect_s", r["connect_s"], "s", f"{n} watchers: all connected")
     report.value(f"{n}.connect_cpu_us", r["connect_cpu_us_per_socket"], "us", f"{n} watchers: server CPU per connect")
-    report.value(f"{n}.cpu_us_per_frame", r["cpu_us_per_frame"], "us", f"{n} watchers: server CPU per frame")
+    report.value(f"{n}.cpu_us_per_frame", r["cpu_us_per_frame"], "us", f"{n} watchers: server CPU per frame",
+                 baseline="send_floor_us")
     report.value(f"{n}.rss_kb_per_socket", r["rss_kb_per_socket"], "KB", f"{n} watchers: server RSS per socket")
     report.value(f"{n}.client_lag_max_ms", max(r["client_lag_max_ms"], default=0.0), "ms",
                  f"{n} watchers: worst client-process loop lag")
@@ -634,7 +639,41 @@ def record(report: Report, r: dict[str, Any]) -> None:
         report.note(line)
 
 
+def send_floor_us(n: int, frame_size: int = 260, passes: int = 3) -> tuple[float, int]:
+    """CPU per `send()` of one small frame to each of `n` loopback TCP sockets, from this process
+    (best of `passes`; on loopback a send also does the receiver's TCP work): the least a server
+    can spend per delivered frame here, whatever its language. Returns (us per send, sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    n = max(1, min(n, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200) // 2))
+    frame = b"\x81\x7e" + (frame_size - 4).to_bytes(2, "big") + b"x" * (frame_size - 4)
+    readers: list[socket.socket] = []
+    senders: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0), backlog=4096) as server:
+        try:
+            for _ in range(n):
+                readers.append(socket.create_connection(server.getsockname()))
+                sender, _addr = server.accept()
+                sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                senders.append(sender)
+            best = float("inf")
+            for _ in range(passes):
+                c0 = time.process_time()
+                for sender in senders:
+                    sender.send(frame)
+                best = min(best, (time.process_time() - c0) / n * 1e6)
+                for reader in readers:
+                    reader.recv(frame_size)
+            return best, n
+        finally:
+            for s in readers + senders:
+                s.close()
+
+
 async def _run(args: argparse.Namespace, target: Target, report: Report) -> None:
+    floor, floor_n = send_floor_us(max(int(x) for x in str(args.sockets).split(",")))
+    report.value("send_floor_us", floor, "us", f"raw send() of one frame, {floor_n} loopback sockets (floor)")
     sids = await make_sessions(target, args.sessions)
     for n in [int(x) for x in str(args.sockets).split(",")]:
         report.step(f"{n} watchers over {len(sids)} session(s), {args.clients} client processes")
