@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
 import pytest
 import redis.asyncio as aioredis
 
@@ -23,6 +27,33 @@ async def subscribers(client: aioredis.Redis, channel: str) -> int:
 
 async def subscribed(client: aioredis.Redis, channel: str, count: int) -> bool:
     return await subscribers(client, channel) == count
+
+
+@dataclass
+class Gapped:
+    """A FanOut whose watcher connection tests break, what it relayed and the gaps it reported."""
+
+    fanout: FanOut
+    client: aioredis.Redis  # a second connection, to publish and to look at the server
+    got: list[bytes] = field(default_factory=list)
+    gaps: list[list[str]] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def gapped(redis_url: str, key_prefix: str, client_name: str | None = None) -> AsyncIterator[Gapped]:
+    watcher = aioredis.from_url(redis_url, client_name=client_name)
+    client = aioredis.from_url(redis_url)
+    gaps: list[list[str]] = []
+
+    async def on_gap(sessions: list[str]) -> None:
+        gaps.append(sessions)
+
+    try:
+        async with FanOut(watcher, key_prefix=key_prefix, on_gap=on_gap) as fanout:
+            yield Gapped(fanout, client, gaps=gaps)
+    finally:
+        await client.aclose()
+        await watcher.aclose()
 
 
 
@@ -62,30 +93,18 @@ async def test_a_dropped_pubsub_connection_resubscribes_and_reports_the_gap(
 ) -> None:
     keys = Keys(key_prefix)
     name = f"fanout-test-{key_prefix.strip(':').replace(':', '-')}"
-    watcher = aioredis.from_url(redis_url, client_name=name)
-    client = aioredis.from_url(redis_url)
-    got: list[bytes] = []
-    gaps: list[list[str]] = []
-
-    async def on_gap(sessions: list[str]) -> None:
-        gaps.append(sessions)
-
-    try:
-        async with FanOut(watcher, key_prefix=key_prefix, on_gap=on_gap) as fanout:
-            await fanout.watch("s1", got.append)
-            await fanout.watch("s2", got.append)
-            assert gaps == []
-            ids = [c["id"] for c in await client.client_list() if c.get("name") == name]
-            assert len(ids) == 1
-            await client.client_kill_filter(_id=ids[0])
-            await eventually(lambda: gaps, what="the gap reported after the reconnect")
-            assert sorted(gaps[0]) == ["s1", "s2"]
-            # subscribed again before the gap was reported: a new update arrives
-            await client.publish(keys.channel("s1"), b"after")
-            await eventually(lambda: got == [b"after"], what="relay after the reconnect")
-    finally:
-        await client.aclose()
-        await watcher.aclose()
+    async with gapped(redis_url, key_prefix, name) as g:
+        await g.fanout.watch("s1", g.got.append)
+        await g.fanout.watch("s2", g.got.append)
+        assert g.gaps == []
+        ids = [c["id"] for c in await g.client.client_list() if c.get("name") == name]
+        assert len(ids) == 1
+        await g.client.client_kill_filter(_id=ids[0])
+        await eventually(lambda: g.gaps, what="the gap reported after the reconnect")
+        assert sorted(g.gaps[0]) == ["s1", "s2"]
+        # subscribed again before the gap was reported: a new update arrives
+        await g.client.publish(keys.channel("s1"), b"after")
+        await eventually(lambda: g.got == [b"after"], what="relay after the reconnect")
 
 
 async def test_a_socket_that_joined_while_its_sessions_first_subscribe_was_cut_still_gets_updates(
@@ -147,35 +166,23 @@ async def test_an_unexpected_read_error_reconnects_and_reports_the_gap(redis_url
     under a read. The relay must not stop for good (every socket of the instance left silent):
     it reconnects, resubscribes and reports the gap."""
     keys = Keys(key_prefix)
-    watcher = aioredis.from_url(redis_url)
-    client = aioredis.from_url(redis_url)
-    got: list[bytes] = []
-    gaps: list[list[str]] = []
+    async with gapped(redis_url, key_prefix) as g:
+        await g.fanout.watch("s1", g.got.append)
+        pubsub = g.fanout._pubsub
+        assert pubsub is not None
+        read = pubsub.get_message
+        failed: list[bool] = []
 
-    async def on_gap(sessions: list[str]) -> None:
-        gaps.append(sessions)
+        async def fails_once(*args: object, **kwargs: object) -> object:
+            if not failed:
+                failed.append(True)
+                raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; "
+                                   "the handler is closed")
+            return await read(*args, **kwargs)
 
-    try:
-        async with FanOut(watcher, key_prefix=key_prefix, on_gap=on_gap) as fanout:
-            await fanout.watch("s1", got.append)
-            pubsub = fanout._pubsub
-            assert pubsub is not None
-            read = pubsub.get_message
-            failed: list[bool] = []
-
-            async def fails_once(*args: object, **kwargs: object) -> object:
-                if not failed:
-                    failed.append(True)
-                    raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; "
-                                       "the handler is closed")
-                return await read(*args, **kwargs)
-
-            pubsub.get_message = fails_once  # type: ignore[method-assign]
-            await eventually(lambda: gaps, what="the gap reported after the reconnect")
-            assert gaps[0] == ["s1"]
-            await eventually(lambda: subscribed(client, keys.channel("s1"), 1), what="resubscribed")
-            await client.publish(keys.channel("s1"), b"after")
-            await eventually(lambda: got == [b"after"], what="relay after the reconnect")
-    finally:
-        await client.aclose()
-        await watcher.aclose()
+        pubsub.get_message = fails_once  # type: ignore[method-assign]
+        await eventually(lambda: g.gaps, what="the gap reported after the reconnect")
+        assert g.gaps[0] == ["s1"]
+        await eventually(lambda: subscribed(g.client, keys.channel("s1"), 1), what="resubscribed")
+        await g.client.publish(keys.channel("s1"), b"after")
+        await eventually(lambda: g.got == [b"after"], what="relay after the reconnect")
