@@ -18,9 +18,11 @@ is gone.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, ConnectionPool
@@ -30,6 +32,7 @@ from redis.exceptions import (
     ClusterDownError,
     ConnectionError,
     RedisClusterException,
+    RedisError,
     TimeoutError,
     TryAgainError,
 )
@@ -44,11 +47,35 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
 
 
 
+_REDIS_PACKAGE = os.path.dirname(redis.__file__) + os.sep
+
+
+def connection_lost(error: BaseException) -> bool:
+    """Whether `error` is redis-py's for a connection torn down under a command in flight, which
+    it raises as a RuntimeError or an AttributeError/TypeError instead of a ConnectionError."""
+    # On a cluster failover redis-py drops connections other tasks are using: "handler is closed",
+    # "'NoneType' object has no attribute 'writelines'" (an outbox reader died of it, and the
+    # instance's background tasks with it); also redis-py issue 4287 (a peer-reset connection).
+    if isinstance(error, RuntimeError) and "is closed" in str(error):
+        return True
+    if not isinstance(error, (AttributeError, TypeError)) or "NoneType" not in str(error):
+        return False
+    tb = error.__traceback__  # raised inside redis-py, not a bug of ours in a callback
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE):
+        tb = tb.tb_next
+    return tb is not None
+
+
 def unavailable(error: BaseException) -> bool:
-    """Whether `error` means Redis could not run the command now (`UNAVAILABLE`), including the
-    RuntimeError of a connection closed under a command in flight: redis-py's cluster client
-    closes all its connections to reload the slot map after a CLUSTERDOWN (a master failover)."""
-    return isinstance(error, UNAVAILABLE) or (isinstance(error, RuntimeError) and "is closed" in str(error))
+    """Whether `error` means Redis could not run the command now (`UNAVAILABLE`, or a connection
+    lost under it)."""
+    return isinstance(error, UNAVAILABLE) or connection_lost(error)
+
+
+def redis_failed(error: BaseException) -> bool:
+    """Whether `error` came from Redis or the connection to it (any RedisError, a socket error,
+    a connection lost under the command): what background readers log and retry, never die of."""
+    return isinstance(error, (RedisError, OSError)) or connection_lost(error)
 
 
 SENTINEL_SCHEME = "redis+sentinel"

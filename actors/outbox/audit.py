@@ -22,8 +22,8 @@ import anyio.abc
 import asyncpg
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
-from redis.exceptions import RedisError
 
+from actors.connection import redis_failed
 from actors.keys import AUDIT_GROUP, PUSH_GROUP, Keys
 from actors.outbox import migrations
 from actors.outbox.consumer import (
@@ -362,7 +362,9 @@ class AuditWorker:
                 for outbox in self.outboxes:
                     for name in await outbox.forget_idle_consumers(self.consumer_gc_ms):
                         log.info("audit: removed idle consumer %s (no pending entries)", name)
-        except (RedisError, OSError) as e:
+        except Exception as e:
+            if not redis_failed(e):
+                raise
             log.warning("audit: housekeeping failed: %s", e)
             return
         AUDIT_PENDING.set(lag.pending)

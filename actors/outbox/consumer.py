@@ -22,8 +22,9 @@ from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
+from actors.connection import redis_failed
 from actors.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -225,14 +226,18 @@ class OutboxConsumer:
             try:
                 await self.ensure_group()
                 break
-            except (RedisError, OSError) as e:
+            except Exception as e:
+                if not redis_failed(e):
+                    raise
                 log.warning("outbox %s: cannot create the consumer group yet: %s", self.group, e)
                 await backoff.wait()
         backoff.reset()
         while True:
             try:
                 batch = await self.next_batch()
-            except (RedisError, OSError) as e:
+            except Exception as e:
+                if not redis_failed(e):
+                    raise
                 log.warning("outbox %s: read failed: %s", self.group, e)
                 await backoff.wait()
                 continue
@@ -247,7 +252,9 @@ class OutboxConsumer:
             try:
                 await self.redis.xack(self.stream, self.group, *ids)
                 return
-            except (RedisError, OSError) as e:
+            except Exception as e:
+                if not redis_failed(e):
+                    raise
                 log.warning("outbox %s: ack failed: %s", self.group, e)
                 if backoff.attempt >= attempts:
                     return
@@ -262,7 +269,9 @@ class OutboxConsumer:
             await self.redis.xclaim(
                 self.stream, self.group, self.consumer, min_idle_time=0, message_ids=ids, justid=True
             )
-        except (RedisError, OSError) as e:
+        except Exception as e:
+            if not redis_failed(e):
+                raise
             log.warning("outbox %s: could not refresh the claim on entries in hand: %s", self.group, e)
 
     async def _group_floor(self, info: dict) -> str:

@@ -21,8 +21,8 @@ import firebase_admin
 import redis.asyncio as aioredis
 from firebase_admin import credentials, exceptions, messaging
 from prometheus_client import Counter, Gauge
-from redis.exceptions import RedisError
 
+from actors.connection import redis_failed
 from actors.keys import PUSH_GROUP, Keys
 from actors.outbox.consumer import (
     Backoff,
@@ -263,7 +263,9 @@ class PushWorker:
         try:
             for outbox in self.outboxes:
                 await outbox.ensure_group()  # from now on every change is pushed
-        except (RedisError, OSError) as e:
+        except Exception as e:
+            if not redis_failed(e):
+                raise
             log.warning("push: cannot create consumer group yet: %s", e)
         return self
 
@@ -369,7 +371,9 @@ class PushWorker:
                 self._next_gc = now + 360.0
                 for outbox in self.outboxes:
                     await outbox.forget_idle_consumers(3_600_000)  # earlier incarnations
-        except (RedisError, OSError):
+        except Exception as e:
+            if not redis_failed(e):
+                raise
             return
         PUSH_PENDING.set(lag.pending)
         PUSH_LAG.set(lag.oldest_age_ms / 1000)

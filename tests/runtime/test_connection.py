@@ -76,3 +76,22 @@ def test_errors_that_mean_try_again_later() -> None:
         assert unavailable(error), error
     for error in (RuntimeError("a bug"), ResponseError("WRONGTYPE"), ValueError()):
         assert not unavailable(error), error
+
+
+@pytest.mark.anyio
+async def test_a_connection_torn_down_under_a_command_counts_as_lost_not_as_a_bug() -> None:
+    """A cluster failover: redis-py drops a connection another task is about to write on, whose
+    write then fails with an AttributeError (an outbox reader died of it, and with it every
+    background task of the instance); the same error from our own code stays a bug."""
+    from redis.asyncio.connection import Connection
+
+    from actors.connection import redis_failed, unavailable
+
+    dropped = Connection(host="127.0.0.1", port=1)  # never connected: its writer is None
+    with pytest.raises(AttributeError) as caught:
+        await dropped._send_packed_command([b"PING\r\n"])
+    assert unavailable(caught.value) and redis_failed(caught.value)
+    try:
+        None.writelines  # type: ignore[attr-defined]  # noqa: B018
+    except AttributeError as ours:
+        assert not unavailable(ours) and not redis_failed(ours)
