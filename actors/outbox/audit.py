@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -380,6 +381,18 @@ class AuditWorker:
         return await combined_lag(self.outboxes)
 
 
+async def _supervised(run: Callable[[], Awaitable[None]], name: str) -> None:
+    """`run()`, started again a second after an error it let out. An error escaping into the
+    services' task group cancels every scope entered after it in the serving task, the Host's
+    included: the instance kept answering HTTP without its inbox, reply subscription or renewal."""
+    while True:
+        try:
+            return await run()
+        except Exception:
+            log.exception("%s worker failed; starting it again", name)
+            await anyio.sleep(1)
+
+
 class AuditServices:
     """Everything PostgreSQL-backed, as one `async with` lifetime: the audit worker and (when
     `fcm_credentials` is set) the push worker run in its task group; the methods serve the API."""
@@ -448,9 +461,9 @@ class AuditServices:
                 log.info("push notifications off (KAIROS_FCM_CREDENTIALS unset)")
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)  # runs first on exit: stop the workers
-            tg.start_soon(self.worker.run)
+            tg.start_soon(_supervised, self.worker.run, "audit")
             if self.push is not None:
-                tg.start_soon(self.push.run)
+                tg.start_soon(_supervised, self.push.run, "push")
         except BaseException:
             await stack.aclose()
             raise
