@@ -264,7 +264,7 @@ class Router:
         if rid in served:  # a re-sent request: never run it twice
             done = served[rid]
             if done is not None:
-                await self.host.scripts.do_reply(msg["a"], done)
+                await self._reply(msg["a"], done)
             return  # else still running: its answer goes to the same address
         served[rid] = None
         if len(served) > _MAX_SERVED:
@@ -295,7 +295,19 @@ class Router:
         data = msgpack.packb(out)
         if rid in served:
             served[rid] = data
-        await self.host.scripts.do_reply(msg["a"], data)
+        await self._reply(msg["a"], data)
+
+    async def _reply(self, address: str, data: bytes) -> None:
+        """Publish an answer, trying again (another node, on a cluster) until the routing deadline:
+        its asker waits for it while we live, so a lost one cost it that deadline (repeats are ignored)."""
+        stop = time.monotonic() + self.deadline_s
+        while True:
+            try:
+                return await self.host.scripts.do_reply(address, data)
+            except Exception as e:
+                if not unavailable(e) or time.monotonic() >= stop:
+                    raise
+                await anyio.sleep(0.05)
 
     async def run_inbox(self) -> None:
         """Pop forwarded commands from our inbox (it follows incarnation changes)."""
