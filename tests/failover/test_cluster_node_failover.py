@@ -31,8 +31,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.mark.xfail(strict=False, reason="about one run in ten, one instance's forwarded commands keep "
-                   "answering 503 'Session owner unreachable' for 30 s and more after the promotion")
 async def test_every_session_serves_again_after_a_master_failover(tmp_path: Path, database_url: str,
                                                                key_prefix: str) -> None:
     with Clustered(tmp_path, masters=3, replicas=1, appendfsync=None) as cluster:
@@ -67,7 +65,8 @@ async def test_every_session_serves_again_after_a_master_failover(tmp_path: Path
                     except AssertionError as e:
                         stuck = {sid[:8]: (sid in hit, s.failures[-3:]) for sid, s in switchers.items()
                                  if s.acks_after(promoted) < 5}
-                        raise AssertionError(f"{e}; stuck (on the failed master?, last failures): {stuck}") from None
+                        raise AssertionError(f"{e}; stuck (on the failed master?, last failures): {stuck}\n"
+                                             f"-- a:\n{a.log_tail(60)}\n-- b:\n{b.log_tail(60)}") from None
                     for s in switchers.values():
                         await s.stop()
                     tg.cancel_scope.cancel()
