@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from actors.keys import Keys
-from bench.redis_topology import Clustered
+from bench.redis_topology import Clustered, Node
 from tests.failover.conftest import Cluster
 from tests.failover.kit import Watcher, create_running, owner_of, total_cycles, wait_until
 from tests.servers import server_env
@@ -60,10 +60,12 @@ async def test_sessions_on_every_master_run_forwarded_watched_audited_and_taken_
     keys = Keys(kairos.env["KAIROS_KEY_PREFIX"], PARTITIONS)
     admin = kairos.headers(admin=True)
     async with client(kairos) as http:
-        states = [await create_running(http, a.url) for _ in range(12)]
-        sids = [s["session_id"] for s in states]
-        masters = {redis_cluster.master_of_key(keys.lease(sid)) for sid in sids}
-        assert len(masters) == 3, "12 sessions over 16 partitions reach every master"
+        sids: list[str] = []
+        masters: set[Node] = set()
+        while len(sids) < 12 or len(masters) < 3:  # 12 random sessions miss a master ~3% of the time
+            assert len(sids) < 60, "sessions over 16 partitions reach every master"
+            sids.append((await create_running(http, a.url))["session_id"])
+            masters.add(redis_cluster.master_of_key(keys.lease(sids[-1])))
         for sid in sids:  # each session's keys and its partition's outbox on the slot's master
             node = redis_cluster.master_of_key(keys.lease(sid)).client
             assert node.exists(keys.lease(sid), keys.checkpoint(sid)) == 2
