@@ -30,6 +30,7 @@ from typing import Any
 # CPU (not wall) time, so a collection that was merely preempted on a busy machine does not count.
 FREEZE_AFTER_CPU_S = 0.005
 RECLAIM_GROWTH = 2.0  # frozen set, as a multiple of its size after the last reclaim
+_cpu = time.process_time
 _started = [0.0]  # CPU time at the start of the running full collection
 # CPU of the collection that walked everything after the last reclaim (before the first: of the
 # first costly one, which walked all but the start-up freeze); 0 = the next costly one sets it.
@@ -41,9 +42,9 @@ def _freeze_after_costly_full_collections(phase: str, info: dict[str, Any]) -> N
     if info["generation"] != 2:
         return
     if phase == "start":
-        _started[0] = time.process_time()
+        _started[0] = _cpu()
         return
-    cpu = time.process_time() - _started[0]
+    cpu = _cpu() - _started[0]
     if cpu <= FREEZE_AFTER_CPU_S:
         return
     gc.freeze()  # the young generations are empty now: only survivors of the collection move

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
@@ -45,41 +46,52 @@ def test_install_is_idempotent_and_uninstall_removes_it() -> None:
     assert gctune._freeze_after_costly_full_collections not in gc.callbacks
 
 
+def test_the_frozen_set_is_reclaimed_once_collections_froze_more_than_it_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the policy alone, with an injected CPU clock: real collections' CPU varies with the cache
+    calls: list[str] = []
+    cpu = [0.0]
+    monkeypatch.setattr(gctune, "gc", SimpleNamespace(freeze=lambda: calls.append("freeze"),
+                                                      unfreeze=lambda: calls.append("unfreeze")))
+    monkeypatch.setattr(gctune, "_cpu", lambda: cpu[0])
+    monkeypatch.setattr(gctune, "_baseline", [0.0])
+    monkeypatch.setattr(gctune, "_grown", [0.0])
+
+    def collection(cpu_s: float, generation: int = 2) -> None:
+        gctune._freeze_after_costly_full_collections("start", {"generation": generation})
+        cpu[0] += cpu_s
+        gctune._freeze_after_costly_full_collections("stop", {"generation": generation})
+
+    collection(0.002)  # cheap: nothing frozen
+    collection(0.5, generation=1)  # young collections are never frozen
+    assert calls == []
+    collection(0.100)  # costly: frozen, and its CPU is the baseline
+    assert calls == ["freeze"] and gctune._baseline[0] == pytest.approx(0.100)
+    collection(0.060)
+    collection(0.030)  # frozen: 0.090 of growth so far, under the baseline
+    assert calls == ["freeze"] * 3
+    collection(0.020)  # past RECLAIM_GROWTH x: unfrozen, the next costly one sets the baseline again
+    assert calls == ["freeze"] * 4 + ["unfreeze"] and gctune._baseline[0] == 0
+    collection(0.300)  # walks everything once
+    assert calls[-1] == "freeze" and gctune._baseline[0] == pytest.approx(0.300)
+
+
+def test_unfrozen_cyclic_garbage_is_collected_by_the_next_full_collection() -> None:
+    import weakref
+
+    cycle = _Cycle()
+    alive = weakref.ref(cycle)
+    gc.collect()
+    gc.freeze()
+    del cycle
+    gc.collect()
+    assert alive() is not None  # frozen cyclic garbage: out of the collector's reach
+    gc.unfreeze()
+    gc.collect()
+    assert alive() is None
+
+
 class _Cycle:
     """An object in a reference cycle: only the cyclic GC can free it."""
 
     def __init__(self) -> None:
         self.me = self
-
-
-def _long_lived(n: int) -> list[list[int]]:
-    gc.disable()  # no automatic collection while they are made: the next full one walks them all
-    try:
-        return [[i] for i in range(n)]
-    finally:
-        gc.enable()
-
-
-def test_frozen_cyclic_garbage_is_reclaimed_once_the_frozen_set_has_grown(installed: None) -> None:
-    import weakref
-
-    gc.unfreeze()
-    gctune._baseline[0] = 0.0
-    cycle = _Cycle()
-    alive = weakref.ref(cycle)
-    states = _long_lived(300_000)
-    gc.collect()  # costly: the survivors, the cycle among them, are frozen; its CPU is the baseline
-    assert gctune._baseline[0] > gctune.FREEZE_AFTER_CPU_S
-    walked = gc.get_freeze_count()  # everything the baseline collection walked
-    assert walked >= len(states)
-    del cycle
-    gc.collect()
-    assert alive() is not None  # frozen cyclic garbage: out of the collector's reach
-    # growth is judged by CPU per object walked, which varies ~3x with memory locality (these new
-    # objects are contiguous, the baseline's were scattered): well past RECLAIM_GROWTH x the baseline
-    more = _long_lived(int(4 * walked * gctune.RECLAIM_GROWTH))
-    gc.collect()  # costly, and the frozen set has more than doubled: unfrozen
-    assert gc.get_freeze_count() == 0
-    gc.collect()  # walks everything once
-    assert alive() is None
-    assert gc.get_freeze_count() >= len(states) + len(more)  # survivors frozen again
