@@ -25,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS as SLOTS
 from redis.crc import key_slot
-from redis.exceptions import NoScriptError
+from redis.exceptions import MovedError, NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actors.connection import connection_kwargs, is_cluster
@@ -571,7 +571,7 @@ return out
 _WRITE_KEYS = 5  # KEYS of FENCED_WRITE on one Redis (4 on a cluster: no liveness key)
 # Positions in `fenced_write_argv` output (KEYS then ARGV, one Redis) of what is published: ARGV[5]
 # message on ARGV[6] channel, ARGV[10] answer on ARGV[9] reply channel (ARGV[11], the version,
-# follows). Only used with KAIROS_REDIS_MIN_REPLICAS_ACK, which a cluster does not take.
+# follows). Only used with KAIROS_REDIS_MIN_REPLICAS_ACK.
 _MESSAGE, _CHANNEL, _REPLY_CHANNEL, _ANSWER = 9, 10, 13, 14
 
 # How long a write waits for KAIROS_REDIS_MIN_REPLICAS_ACK replicas (WAIT) before it is answered
@@ -602,8 +602,6 @@ class Scripts:
         # one slot; steps that reach another slot (an instance's liveness key or inbox) are
         # separate calls (see the cluster scripts above).
         self.cluster = is_cluster(redis) if one_slot is None else one_slot
-        if self.cluster and min_replicas_ack:
-            raise ValueError("min_replicas_ack is not supported on a Redis Cluster")
         self._write_keys = 4 if self.cluster else _WRITE_KEYS
         # >= 1: writes and claims count only once that many replicas have them (WAIT, pipelined
         # with the script: same round trip), and nothing is published before that.
@@ -738,14 +736,18 @@ class Scripts:
         args = [incarnation, k.prefix, "1" if may_claim else "0", payload, INBOX_TTL_MS, CHECKPOINT_TTL_MS, claim_for,
                 POPPED_KEEP]
         async with self._connection_slot():
-            if not self.min_replicas_ack:
-                return await self._claim(keys=keys, args=args)
-            answer, acked = await self._replicated(self._claim, keys, args)
-            if answer[0] == 1 and acked < self.min_replicas_ack:
-                # Never act on a claim a failover could undo: give it back (the next ask claims again).
-                await self._release(keys=keys[:1], args=[incarnation, answer[1]])
-                raise ReplicationTimeout(f"claim of {session_id} reached {acked} replicas")
-            return answer
+            return await self._claim_with(self._claim, keys, args)
+
+    async def _claim_with(self, script: Any, keys: list[Any], args: list[Any]) -> list[Any]:
+        """A claim script (KEYS[1] the lease, ARGV[1] my incarnation); with `min_replicas_ack`,
+        a claim fewer replicas confirmed is given back (a failover could undo it) and raised."""
+        if not self.min_replicas_ack:
+            return list(await script(keys=keys, args=args))
+        answer, acked = await self._replicated(script, keys, args)
+        if answer[0] == 1 and acked < self.min_replicas_ack:
+            await self._release(keys=keys[:1], args=[args[0], answer[1]])  # the next ask claims again
+            raise ReplicationTimeout(f"claim of {keys[0]} reached {acked} replicas")
+        return list(answer)
 
     async def _claim_or_forward_cluster(
         self, incarnation: str, session_id: str, may_claim: bool, payload: bytes, claim_for: str, owner_hint: str,
@@ -759,9 +761,9 @@ class Scripts:
         k = self.keys
         dead = ""
         for _attempt in range(3):  # a dead owner is taken over on the next attempt
-            answer = await self._claim_in_slot(
-                keys=[k.lease(session_id), k.checkpoint(session_id)],
-                args=[incarnation, "1" if may_claim else "0", CHECKPOINT_TTL_MS, claim_for, dead])
+            answer = await self._claim_with(
+                self._claim_in_slot, [k.lease(session_id), k.checkpoint(session_id)],
+                [incarnation, "1" if may_claim else "0", CHECKPOINT_TTL_MS, claim_for, dead])
             if answer[0] == 7:  # claimed for our successor: the command goes to it
                 if not payload:
                     return [4]
@@ -796,9 +798,9 @@ class Scripts:
         """One script call and WAIT in one round trip: (its answer, replicas that confirmed it)."""
         for _attempt in range(2):
             pipe = self.redis.pipeline(transaction=False)
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", self.min_replicas_ack, REPLICA_WAIT_MS)
-            answer, acked = await pipe.execute(raise_on_error=False)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            self._wait(pipe, keys[:1])
+            answer, acked = await self._execute_waited(pipe)
             if not isinstance(answer, NoScriptError):
                 break
             script.sha = await self.redis.script_load(script.script)  # Redis lost its script cache
@@ -806,6 +808,30 @@ class Scripts:
             if isinstance(value, Exception):
                 raise value
         return answer, int(acked)
+
+    def _wait(self, pipe: Any, keys: list[Any]) -> int:
+        """Queue WAIT after the writes queued on `pipe` (to `keys`' slots); returns how many were
+        queued. WAIT counts the writes of its own connection: on a cluster one goes to each node
+        written to, which a cluster pipeline sends on the same connection, after them."""
+        if not is_cluster(self.redis):
+            pipe.execute_command("WAIT", self.min_replicas_ack, REPLICA_WAIT_MS)
+            return 1
+        nodes = {node.name: node for node in map(self.redis.get_node_from_key, keys)}
+        for node in nodes.values():
+            pipe.execute_command("WAIT", self.min_replicas_ack, REPLICA_WAIT_MS, target_nodes=node)
+        return len(nodes)
+
+    async def _execute_waited(self, pipe: Any) -> list[Any]:
+        """Run a pipeline with WAITs (answers and errors in place). On a cluster a redirected write
+        is not sent again: elsewhere it would escape its WAIT. It fails (retried by its caller)
+        and its slot is moved in the client's map, as a plain command's MOVED would."""
+        if not is_cluster(self.redis):
+            return list(await pipe.execute(raise_on_error=False))
+        answers = list(await pipe.execute(raise_on_error=False, allow_redirections=False))
+        for answer in answers:
+            if isinstance(answer, MovedError):
+                await self.redis.nodes_manager.move_slot(answer)
+        return answers
 
     def fenced_write_argv(
         self, incarnation: str, epoch: int, session_id: str, checkpoint: bytes, message: bytes,
@@ -854,12 +880,14 @@ class Scripts:
                     # execute_command, not evalsha(): redis-py's cluster pipeline refuses the
                     # latter but routes this by the script's keys (all in one slot)
                     pipe.execute_command("EVALSHA", self._write.sha, self._write_keys, *batch[i])
-                if replicas:
-                    pipe.execute_command("WAIT", replicas, REPLICA_WAIT_MS)
-                answers = await pipe.execute(raise_on_error=False)
-                if replicas:  # each attempt's WAIT covers its own writes: the least counts
-                    last = answers.pop()
-                    acked = min(acked, last if isinstance(last, int) else 0)
+                if replicas:  # each attempt's WAITs cover its own writes: the least counts
+                    waits = self._wait(pipe, [batch[i][0] for i in todo])
+                    answers = await self._execute_waited(pipe)
+                    for confirmed in answers[-waits:]:
+                        acked = min(acked, confirmed if isinstance(confirmed, int) else 0)
+                    del answers[-waits:]
+                else:
+                    answers = await pipe.execute(raise_on_error=False)
                 for i, answer in zip(todo, answers, strict=True):
                     results[i] = answer
                 todo = [i for i in todo if isinstance(results[i], NoScriptError)]
@@ -883,8 +911,8 @@ class Scripts:
                 results[i] = ReplicationTimeout(f"write reached {acked} of {self.min_replicas_ack} replicas")
                 continue
             for channel, data in messages[i]:
-                if channel and data:
-                    pipe.publish(channel, data)
+                if channel and data:  # execute_command: a cluster pipeline refuses publish()
+                    pipe.execute_command("PUBLISH", channel, data)
         if len(pipe):
             await pipe.execute()
 
@@ -931,43 +959,55 @@ class Scripts:
         k = self.keys
         if self.cluster:
             async with self._connection_slot():
-                return await self._adopt_cluster(incarnation, until_ms, scan, batch, offset, partition)
-        keys = [k.deadlines_of(partition), k.liveness(incarnation)]
-        args = [incarnation, k.prefix, until_ms, scan, batch, CHECKPOINT_TTL_MS, offset, k.session_prefix(partition)]
-        async with self._connection_slot():
-            if self.min_replicas_ack:
-                flat, acked = await self._replicated(self._adopt, keys, args)
-            else:
-                flat, acked = await self._adopt(keys=keys, args=args), 0
-        if flat[0] == -1:
-            return None
-        found = [(flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3].decode())
-                 for i in range(3, len(flat), 4)]
+                checked, fetched, found, mine, acked = await self._adopt_cluster(
+                    incarnation, until_ms, scan, batch, offset, partition)
+        else:
+            keys = [k.deadlines_of(partition), k.liveness(incarnation)]
+            args = [incarnation, k.prefix, until_ms, scan, batch, CHECKPOINT_TTL_MS, offset,
+                    k.session_prefix(partition)]
+            async with self._connection_slot():
+                flat, acked = await self._adopt_with(self._adopt, keys, args)
+            if flat[0] == -1:
+                return None
+            checked, fetched, mine = int(flat[0]), int(flat[1]), [sid.decode() for sid in flat[2]]
+            found = [(flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3].decode())
+                     for i in range(3, len(flat), 4)]
         if found and acked < self.min_replicas_ack:
             # Claims a failover could undo are given back (released: the next sweep adopts them).
             for sid, epoch, *_ in found:
                 await self.do_release(incarnation, epoch, sid)
             raise ReplicationTimeout(f"adoption of {len(found)} sessions reached {acked} replicas")
-        return int(flat[0]), int(flat[1]), found, [sid.decode() for sid in flat[2]]
+        return checked, fetched, found, mine
+
+    async def _adopt_with(self, script: Any, keys: list[Any], args: list[Any]) -> tuple[list[Any], int]:
+        """An adoption script's answer and the replicas that confirmed it (0 without `min_replicas_ack`)."""
+        if not self.min_replicas_ack:
+            return list(await script(keys=keys, args=args)), 0
+        flat, acked = await self._replicated(script, keys, args)
+        return list(flat), acked
 
     async def _adopt_cluster(
         self, incarnation: str, until_ms: int, scan: int, batch: int, offset: int, partition: int,
-    ) -> tuple[int, int, list[tuple[str, int, bytes, str]], list[str]]:
+    ) -> tuple[int, int, list[tuple[str, int, bytes, str]], list[str], int]:
         """ADOPT_ORPHANS on a cluster: the due entries (ZRANGEBYSCORE), ADOPT_DUE with their keys
         declared; owners it could not judge are looked up (their liveness keys, other slots) and,
-        if some are dead, ADOPT_DUE runs again with them named."""
+        if some are dead, ADOPT_DUE runs again with them named. Last: the replicas that confirmed."""
         k = self.keys
         due = [sid.decode() for sid in await self.redis.zrangebyscore(
             k.deadlines_of(partition), "-inf", until_ms, start=offset, num=scan)]
+        acked = self.min_replicas_ack
         if not due:
-            return 0, 0, [], []
+            return 0, 0, [], [], acked
 
         async def adopt(sids: list[str], dead: list[str], want: int) -> list[Any]:
+            nonlocal acked
             keys = [k.deadlines_of(partition)]
             for sid in sids:
                 keys += [k.lease(sid), k.checkpoint(sid)]
-            return list(await self._adopt_due(keys=keys, args=[incarnation, want, CHECKPOINT_TTL_MS, len(sids),
-                                                                *sids, *dead]))
+            flat, confirmed = await self._adopt_with(
+                self._adopt_due, keys, [incarnation, want, CHECKPOINT_TTL_MS, len(sids), *sids, *dead])
+            acked = min(acked, confirmed) if self.min_replicas_ack else 0
+            return flat
 
         def claimed(flat: list[Any]) -> list[tuple[str, int, bytes, str]]:
             return [(flat[i].decode(), int(flat[i + 1]), flat[i + 2], flat[i + 3].decode())
@@ -990,7 +1030,7 @@ class Scripts:
                 done = {sid for sid, *_ in found} | set(mine)
                 rest = [sid for sid in due[:checked] if sid not in done]
                 found += claimed(await adopt(rest, dead, batch - len(found)))
-        return checked, len(due), found, mine
+        return checked, len(due), found, mine, acked
 
     async def do_hand_off(self, incarnation: str, epoch: int, session_id: str, target: str, message: bytes) -> int:
         """Give my lease to `target` and queue `message` (activate now) on its inbox: 1 / 2 / 0."""

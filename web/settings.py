@@ -173,9 +173,6 @@ class Settings(BaseSettings):
                 raise ValueError("KAIROS_REDIS_CLUSTER_NODES needs no KAIROS_REDIS_URL and no KAIROS_REDIS_SENTINELS")
             parse_cluster_url(url)
             self.redis_url = url
-        if self.redis_cluster and self.redis_min_replicas_ack:
-            # WAIT counts the replicas of the node a connection is on: not wired for a cluster yet.
-            raise ValueError("KAIROS_REDIS_MIN_REPLICAS_ACK is not supported on a Redis Cluster yet")
         return self
 
     @property
