@@ -5,9 +5,9 @@ One of its replicas is promoted and afterwards every session serves again, throu
 instances. Printed: the promotion time, the longest stretch without an acknowledged switch for the
 failed master's sessions and for the others (today the others stall too until the promotion: an
 instance's batched writes and its cluster client wait for the dead node), and how many
-acknowledged switches were lost (replication is asynchronous: KAIROS_REDIS_MIN_REPLICAS_ACK is not
-supported on a cluster, so a switch acknowledged just before the kill may be; counted, not
-asserted)."""
+acknowledged switches were lost: with KAIROS_REDIS_MIN_REPLICAS_ACK=0 (asynchronous replication) a
+switch acknowledged just before the kill may be, counted, not asserted; with 1 none is (two
+replicas per master then: the promoted one needs a replica of its own to confirm writes)."""
 
 from __future__ import annotations
 
@@ -31,13 +31,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.mark.parametrize("min_replicas_ack", [0, 1])
 async def test_every_session_serves_again_after_a_master_failover(tmp_path: Path, database_url: str,
-                                                               key_prefix: str) -> None:
-    with Clustered(tmp_path, masters=3, replicas=1, appendfsync=None) as cluster:
+                                                               key_prefix: str, min_replicas_ack: int) -> None:
+    with Clustered(tmp_path, masters=3, replicas=1 + min_replicas_ack, appendfsync=None) as cluster:
         # the TTL outlasts the promotion (node timeout 1 s + election): liveness keys on the
         # failed master survive it (docs/production.md)
         env = server_env(cluster.url, database_url, key_prefix, KAIROS_LEASE_TTL_MS="5000",
-                         KAIROS_RATE_LIMIT_GENERAL="0", KAIROS_RATE_LIMIT_SWITCH="0")
+                         KAIROS_RATE_LIMIT_GENERAL="0", KAIROS_RATE_LIMIT_SWITCH="0",
+                         KAIROS_REDIS_MIN_REPLICAS_ACK=str(min_replicas_ack))
         with KairosServer(env) as a, KairosServer(env) as b:
             a.wait_ready()
             b.wait_ready()
@@ -72,7 +74,9 @@ async def test_every_session_serves_again_after_a_master_failover(tmp_path: Path
                     tg.cancel_scope.cancel()
     reissued = sum(len(s.acked) - len({v for _, v in s.acked}) for s in switchers.values())
     gaps = {sid: switchers[sid].longest_gap() for sid in sids}
-    print(f"\nmaster failover: promoted {promoted - killed:.2f} s after the kill; longest gap on its "
+    print(f"\nmaster failover (MIN_REPLICAS_ACK={min_replicas_ack}): promoted {promoted - killed:.2f} s after the kill; longest gap on its "
           f"sessions {max(gaps[s] for s in hit):.2f} s, on the others {max(gaps[s] for s in spared):.2f} s; "
           f"acknowledged switches reissued after the failover (lost): {reissued}")
     assert all(s.acks_after(promoted) >= 5 for s in switchers.values())
+    if min_replicas_ack:
+        assert reissued == 0, "an acknowledged switch was lost"
