@@ -29,6 +29,7 @@ from actors.membership import Membership
 from actors.metrics import DRAIN_SECONDS, LEASES_CLAIMED, LIVENESS_LOST
 from actors.router import Router
 from actors.store import RedisStore
+from actors.supervise import supervised
 from actors.sweeper import Sweeper
 from actors.timers import Timers
 from kairos import codec
@@ -112,10 +113,10 @@ class Host:
             await self.scripts.do_check_layout()
             await self.membership.join()
             await tg.start(self.router.run_replies)
-            tg.start_soon(self.membership.run)
-            tg.start_soon(self.timers.run)
-            tg.start_soon(self.router.run_inbox)
-            tg.start_soon(self.sweeper.run)
+            tg.start_soon(supervised, self.membership.run, "liveness renewal")
+            tg.start_soon(supervised, self.timers.run, "timers")
+            tg.start_soon(supervised, self.router.run_inbox, "inbox")
+            tg.start_soon(supervised, self.sweeper.run, "sweeper")
         except BaseException:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -25,6 +26,7 @@ from actors.clock import ClusterClock, local_ns, time_source
 from actors.connection import open_pubsub, open_redis
 from actors.fanout import FanOut
 from actors.outbox.audit import AuditServices
+from actors.supervise import supervised
 from web import apidocs, gctune, hygiene, metrics
 from web import cors as web_cors
 from web import errors as web_errors
@@ -186,9 +188,9 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
     stack.push_async_callback(svc.redis.aclose)
     tg = await stack.enter_async_context(anyio.create_task_group())
     svc.task_group = tg
-    tg.start_soon(metrics.watch_loop_lag)
+    tg.start_soon(supervised, metrics.watch_loop_lag, "loop-lag watch")
     assert svc.relays is not None
-    tg.start_soon(svc.relays.heartbeat, s.ws_heartbeat_s)
+    tg.start_soon(supervised, partial(svc.relays.heartbeat, s.ws_heartbeat_s), "WebSocket heartbeat")
     metrics.watch_gc()
     stack.callback(tg.cancel_scope.cancel)
     clock = svc.clock
@@ -197,7 +199,7 @@ async def _open_services(svc: Services, stack: AsyncExitStack) -> None:
         await clock.measure(reference)
     except Exception as e:
         log.warning("clock measurement failed", error=repr(e))
-    tg.start_soon(clock.run, reference)
+    tg.start_soon(supervised, partial(clock.run, reference), "clock")
     restore = None
     if s.database_url:
         svc.audit = await _open_audit(svc, stack)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,7 @@ from actors.outbox.consumer import (
     keep_entries,
     start_readers,
 )
+from actors.supervise import supervised
 from kairos.errors import DeviceTokenTaken, Unavailable
 
 if TYPE_CHECKING:
@@ -381,18 +381,6 @@ class AuditWorker:
         return await combined_lag(self.outboxes)
 
 
-async def _supervised(run: Callable[[], Awaitable[None]], name: str) -> None:
-    """`run()`, started again a second after an error it let out. An error escaping into the
-    services' task group cancels every scope entered after it in the serving task, the Host's
-    included: the instance kept answering HTTP without its inbox, reply subscription or renewal."""
-    while True:
-        try:
-            return await run()
-        except Exception:
-            log.exception("%s worker failed; starting it again", name)
-            await anyio.sleep(1)
-
-
 class AuditServices:
     """Everything PostgreSQL-backed, as one `async with` lifetime: the audit worker and (when
     `fcm_credentials` is set) the push worker run in its task group; the methods serve the API."""
@@ -461,9 +449,9 @@ class AuditServices:
                 log.info("push notifications off (KAIROS_FCM_CREDENTIALS unset)")
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)  # runs first on exit: stop the workers
-            tg.start_soon(_supervised, self.worker.run, "audit")
+            tg.start_soon(supervised, self.worker.run, "audit worker")
             if self.push is not None:
-                tg.start_soon(_supervised, self.push.run, "push")
+                tg.start_soon(supervised, self.push.run, "push worker")
         except BaseException:
             await stack.aclose()
             raise

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 
-import anyio
 import asyncpg
 import pytest
 
@@ -219,20 +218,3 @@ async def test_a_restored_session_keeps_its_idempotency_window(
     assert restored.recent == state.recent  # all 71 keys: younger than the 300 s window
     replay = apply(restored, Switch(command_id="k-create"), now + 100 * 80)
     assert replay.replayed and replay.outcome == {"version": 1, "expired_participant_id": None}
-
-
-async def test_a_worker_that_lets_an_error_out_is_started_again() -> None:
-    """An error escaping into the services' task group would cancel the Host's tasks too (they
-    are entered after it in the same task): the instance then served HTTP with no inbox."""
-    from actors.outbox.audit import _supervised
-
-    runs: list[int] = []
-
-    async def run() -> None:
-        runs.append(1)
-        if len(runs) == 1:
-            raise AttributeError("'NoneType' object has no attribute 'writelines'")
-
-    with anyio.fail_after(5):
-        await _supervised(run, "audit")
-    assert len(runs) == 2
