@@ -11,8 +11,9 @@ has the matching STATE_UPDATE (by version) before the next. Reports:
 - missed versions (a socket that never got a version it should have; must be 0);
 - connect time of all sockets (first connect -> last CONNECTED frame), p50/p99 per socket;
 - server RSS before/after connecting (and per socket), server CPU per delivered frame (next to
-  the floor: this process's own CPU per bare `send()` of one frame over as many loopback sockets,
-  which on loopback includes the receiving side's TCP work), the split
+  the floor: this process's own CPU per bare `send()` of one frame over as many loopback sockets
+  read by as many processes, which on loopback includes the receiving side's TCP work and
+  wake-up; and how long one such pass takes), the split
   of sockets over `--workers` processes, and each client process's own event-loop lag (a
   saturated client makes every figure look worse: it shows here).
 
@@ -28,6 +29,7 @@ import json
 import os
 import resource
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -639,41 +641,67 @@ def record(report: Report, r: dict[str, Any]) -> None:
         report.note(line)
 
 
-def send_floor_us(n: int, frame_size: int = 260, passes: int = 3) -> tuple[float, int]:
-    """CPU per `send()` of one small frame to each of `n` loopback TCP sockets, from this process
-    (best of `passes`; on loopback a send also does the receiver's TCP work): the least a server
-    can spend per delivered frame here, whatever its language. Returns (us per send, sockets)."""
+_FLOOR_READER = """
+import selectors, socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+sel = selectors.DefaultSelector()
+for _ in range(n):
+    sel.register(socket.create_connection(("127.0.0.1", port)), selectors.EVENT_READ)
+print("ready", flush=True)
+while True:
+    for key, _ in sel.select():
+        if not key.fileobj.recv(65536):
+            sys.exit(0)
+"""
+
+
+def send_floor_us(n: int, readers: int, frame_size: int = 260, passes: int = 9) -> tuple[float, float, int]:
+    """This process's CPU per bare `send()` of one small frame to each of `n` loopback TCP
+    sockets, read by `readers` processes waiting in epoll, as the bench's clients do (on loopback
+    a send also does the receiver's TCP work and wakes it): the least a server can spend per
+    delivered frame on this machine, whatever its language. Returns the medians over `passes` of
+    (us per send, ms per pass over all sockets) and the sockets used (capped by the file limit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    n = max(1, min(n, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200) // 2))
+    n = max(readers, min(n, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 200))
     frame = b"\x81\x7e" + (frame_size - 4).to_bytes(2, "big") + b"x" * (frame_size - 4)
-    readers: list[socket.socket] = []
     senders: list[socket.socket] = []
     with socket.create_server(("127.0.0.1", 0), backlog=4096) as server:
+        port = str(server.getsockname()[1])
+        procs = [subprocess.Popen([sys.executable, "-c", _FLOOR_READER, port, str(n // readers + (i < n % readers))],
+                                  stdout=subprocess.PIPE, text=True) for i in range(readers)]
         try:
-            for _ in range(n):
-                readers.append(socket.create_connection(server.getsockname()))
+            while len(senders) < n:
                 sender, _addr = server.accept()
                 sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 senders.append(sender)
-            best = float("inf")
+            for proc in procs:
+                assert proc.stdout is not None
+                proc.stdout.readline()
+            cpu, wall = [], []
             for _ in range(passes):
-                c0 = time.process_time()
+                c0, t0 = time.process_time(), time.perf_counter()
                 for sender in senders:
                     sender.send(frame)
-                best = min(best, (time.process_time() - c0) / n * 1e6)
-                for reader in readers:
-                    reader.recv(frame_size)
-            return best, n
+                cpu.append((time.process_time() - c0) / n * 1e6)
+                wall.append((time.perf_counter() - t0) * 1000)
+                time.sleep(0.05)  # the readers take it all in
+            return sorted(cpu)[passes // 2], sorted(wall)[passes // 2], n
         finally:
-            for s in readers + senders:
+            for s in senders:
                 s.close()
+            for proc in procs:
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 async def _run(args: argparse.Namespace, target: Target, report: Report) -> None:
-    floor, floor_n = send_floor_us(max(int(x) for x in str(args.sockets).split(",")))
+    floor, floor_ms, floor_n = send_floor_us(max(int(x) for x in str(args.sockets).split(",")), args.clients)
     report.value("send_floor_us", floor, "us", f"raw send() of one frame, {floor_n} loopback sockets (floor)")
+    report.value("send_floor_pass_ms", floor_ms, "ms", f"raw send() to all {floor_n} sockets, one pass (floor)")
     sids = await make_sessions(target, args.sessions)
     for n in [int(x) for x in str(args.sockets).split(",")]:
         report.step(f"{n} watchers over {len(sids)} session(s), {args.clients} client processes")
