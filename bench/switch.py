@@ -185,10 +185,16 @@ async def ws_concurrent(target: Target, sids: list[str], seconds: float,
     u = urlsplit(target.url)
     auth = f"&token={target.token}" if target.token else ""
     waiting: dict[RawWs, asyncio.Future[bytes]] = {}
+    connected: set[RawWs] = set()
+    all_connected = asyncio.Event()
 
     def on_text(ws: RawWs, payload: bytes, now: int) -> None:
         head = payload[:24]  # the type comes first; skip the session's own STATE_UPDATE
-        if b'"ACK"' in head or b'"ERROR"' in head:
+        if b'"CONNECTED"' in head:
+            connected.add(ws)
+            if len(connected) == len(sids):
+                all_connected.set()
+        elif b'"ACK"' in head or b'"ERROR"' in head:
             fut = waiting.pop(ws, None)
             if fut is not None and not fut.done():
                 fut.set_result(payload)
@@ -213,7 +219,7 @@ async def ws_concurrent(target: Target, sids: list[str], seconds: float,
             else:
                 errors[str(json.loads(payload).get("code"))] += 1
 
-    await asyncio.sleep(0.2)  # let every CONNECTED frame arrive before measuring
+    await asyncio.wait_for(all_connected.wait(), 10)  # every socket CONNECTED before measuring
     cpu0 = process_cpu_s(target.pid)
     t0 = time.perf_counter()
     try:
