@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack, ExitStack
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -284,14 +282,10 @@ def run(args: argparse.Namespace, report: Report) -> None:
     """Measure against the Redis of --redis-url (or an embedded one), or of each --masters size."""
     check_arguments(args)
     if sizes := masters_sizes(args):
-        from bench.redis_topology import masters
+        from bench.redis_topology import masters_by_size
 
         with ExitStack() as stack:
-            urls = {}
-            for n in sizes:
-                report.step(f"starting {n} Redis master{'s' if n > 1 else ''}")
-                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"kairos-bench-{n}m-")))
-                urls[n] = stack.enter_context(masters(folder, n))
+            urls = masters_by_size(stack, sizes, report.step)
             report.redis_url = urls[sizes[0]]
             anyio.run(_run_masters, args, report, urls, backend="asyncio",
                       backend_options={"use_uvloop": args.uvloop})

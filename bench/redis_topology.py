@@ -24,9 +24,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -212,6 +213,17 @@ def masters(folder: Path, n: int, *, appendfsync: str | None = "everysec") -> It
         return
     with Clustered(folder, masters=n, appendfsync=appendfsync) as cluster:
         yield cluster.url
+
+
+def masters_by_size(stack: ExitStack, sizes: Iterable[int], step: Callable[[str], None]) -> dict[int, str]:
+    """Start `masters(n)` for every size in `sizes` (each in a temporary folder, all kept up until
+    `stack` closes, `step` told of each): their URLs by size (the benches' --masters)."""
+    urls = {}
+    for n in sizes:
+        step(f"starting {n} Redis master{'s' if n > 1 else ''}")
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"kairos-bench-{n}m-")))
+        urls[n] = stack.enter_context(masters(folder, n))
+    return urls
 
 
 def slot_of(key: bytes | str) -> int:

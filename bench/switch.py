@@ -26,11 +26,9 @@ import argparse
 import asyncio
 import json
 import os
-import tempfile
 import time
 from collections import Counter
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -297,15 +295,11 @@ def run(args: argparse.Namespace, report: Report) -> None:
 def _run_masters(args: argparse.Namespace, report: Report) -> None:
     """Phases 1 and 2 against one Kairos per Redis size of --masters (all up at once, so the
     concurrent phase can take turns: every size sees the same machine load)."""
-    from bench.redis_topology import masters
+    from bench.redis_topology import masters_by_size
 
     sizes = masters_sizes(args)
     with ExitStack() as stack:
-        urls = {}
-        for n in sizes:
-            report.step(f"starting {n} Redis master{'s' if n > 1 else ''}")
-            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"kairos-bench-{n}m-")))
-            urls[n] = stack.enter_context(masters(folder, n))
+        urls = masters_by_size(stack, sizes, report.step)
         _, database_url = stack.enter_context(stores(urls[sizes[0]], args.database_url))
         targets = {n: stack.enter_context(kairos(args, report, label=f"{n}m", redis_url=urls[n],
                                                  database_url=database_url)) for n in sizes}
