@@ -30,11 +30,10 @@ from actors.outbox.consumer import (
     Backoff,
     Entry,
     Lag,
-    OutboxConsumer,
     combined_lag,
+    consume,
     consumers,
     keep_entries,
-    start_readers,
 )
 from actors.supervise import supervised
 from kairos.errors import DeviceTokenTaken, Unavailable
@@ -236,16 +235,8 @@ class AuditWorker:
         The next batch is read from Redis while the current one is written to PostgreSQL (one
         reader per outbox partition).
         """
-        send, receive = anyio.create_memory_object_stream[tuple[OutboxConsumer, list[Entry]]](1)
         try:
-            async with anyio.create_task_group() as tg:
-                start_readers(tg, self.outboxes, self.backoff_cap_s, send)
-                async with receive:
-                    async for outbox, batch in receive:
-                        if batch:
-                            await self._store(batch)
-                            await outbox.ack([e.id for e in batch])
-                        await self._housekeeping()
+            await consume(self.outboxes, self.backoff_cap_s, self._store, self._housekeeping, read_ahead=1)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._close_connection()

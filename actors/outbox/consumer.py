@@ -16,7 +16,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -367,16 +367,26 @@ async def keep_entries(outboxes: list[OutboxConsumer], entries: list[Entry]) -> 
             await o.keep(ids)
 
 
-def start_readers(tg: anyio.abc.TaskGroup, outboxes: list[OutboxConsumer], backoff_cap_s: float,
-                  send: anyio.abc.ObjectSendStream[tuple[OutboxConsumer, list[Entry]]]) -> None:
-    """One task per outbox partition sending `(consumer, batch)` into `send` (closed here; the
-    receiving end ends when every reader has)."""
+async def consume(outboxes: list[OutboxConsumer], backoff_cap_s: float,
+                  handle: Callable[[list[Entry]], Awaitable[None]], housekeeping: Callable[[], Awaitable[None]],
+                  *, read_ahead: int) -> None:
+    """Forever (until cancelled): one reader task per outbox partition, and here, one batch at a
+    time, `handle(batch)`, its ack, then `housekeeping()`. Up to `read_ahead` batches are read
+    while one is handled."""
 
     async def read(outbox: OutboxConsumer, out: anyio.abc.ObjectSendStream[tuple[OutboxConsumer, list[Entry]]]) -> None:
         async with out:
             async for batch in outbox.batches(backoff_cap_s):
                 await out.send((outbox, batch))
 
-    with send:
-        for outbox in outboxes:
-            tg.start_soon(read, outbox, send.clone())
+    send, receive = anyio.create_memory_object_stream[tuple[OutboxConsumer, list[Entry]]](read_ahead)
+    async with anyio.create_task_group() as tg:
+        with send:  # each reader holds a clone: the receiving end ends when every reader has
+            for outbox in outboxes:
+                tg.start_soon(read, outbox, send.clone())
+        async with receive:
+            async for outbox, batch in receive:
+                if batch:
+                    await handle(batch)
+                    await outbox.ack([e.id for e in batch])
+                await housekeeping()

@@ -27,11 +27,10 @@ from actors.keys import PUSH_GROUP, Keys
 from actors.outbox.consumer import (
     Backoff,
     Entry,
-    OutboxConsumer,
     combined_lag,
+    consume,
     consumers,
     keep_entries,
-    start_readers,
 )
 from kairos import events as ev
 
@@ -281,15 +280,7 @@ class PushWorker:
     async def run(self) -> None:
         """Consume forever (until cancelled); outages of Redis, PostgreSQL or FCM only delay.
         One reader per outbox partition; batches are handled one at a time."""
-        send, receive = anyio.create_memory_object_stream[tuple[OutboxConsumer, list[Entry]]](0)
-        async with anyio.create_task_group() as tg:
-            start_readers(tg, self.outboxes, self.backoff_cap_s, send)
-            async with receive:
-                async for outbox, batch in receive:
-                    if batch:
-                        await self._handle(batch)
-                        await outbox.ack([e.id for e in batch])
-                    await self._housekeeping()
+        await consume(self.outboxes, self.backoff_cap_s, self._handle, self._housekeeping, read_ahead=0)
 
     async def _handle(self, batch: list[Entry]) -> None:
         notices = [n for e in batch if e.message is not None for n in _safe_notices(e)]
