@@ -25,7 +25,6 @@ import os
 import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,7 +32,7 @@ from bench._wsraw import RawWs, open_ws
 from bench.client import RawHttp, session_body
 from bench.fanout import _lag_probe, pct, rss_kb, serving_pids
 from bench.report import BenchError, Report
-from bench.servers import process_cpu_s
+from bench.servers import proc_status, process_cpu_s
 from bench.target import Target, add_target_arguments, check_target_arguments, kairos
 
 QUICK: dict[str, Any] = {"sessions": "200", "expiring": 10, "sample": 20, "load_rps": 50}
@@ -205,21 +204,11 @@ async def server_state(target: Target) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     out["cpu_s"] = process_cpu_s(target.pid)
-    out["preempted"] = float(involuntary_switches(target.pid)) if target.pid else 0.0
+    # how often the kernel took the CPU away from the server while it could still run
+    out["preempted"] = float(proc_status(target.pid, "nonvoluntary_ctxt_switches")) if target.pid else 0.0
     out["load"] = os.getloadavg()[0]
     out["t"] = time.monotonic()
     return out
-
-
-def involuntary_switches(pid: int) -> int:
-    """How often the kernel took the CPU away from process `pid` while it could still run."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("nonvoluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def lag_between(a: dict[str, float], b: dict[str, float]) -> str:

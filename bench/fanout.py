@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 from bench._wsraw import RawWs, open_ws
 from bench.client import RawHttp, start_session
 from bench.report import BenchError, Report
-from bench.servers import process_cpu_s
+from bench.servers import proc_status, process_cpu_s
 from bench.stats import quantile
 from bench.target import Target, add_target_arguments, check_target_arguments, kairos
 
@@ -254,13 +254,7 @@ def proc_tree(pid: int) -> list[int]:
 
 def rss_kb(pid: int) -> int:
     """Resident memory of one process, KB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return proc_status(pid, "VmRSS")
 
 
 def socket_fds(pid: int) -> int:

@@ -191,6 +191,17 @@ def process_cpu_s(pid: int | None) -> float:
     return ticks / os.sysconf("SC_CLK_TCK") + sum(process_cpu_s(k) for k in _children(pid))
 
 
+def proc_status(pid: int, field: str) -> int:
+    """One number of a process's /proc status (e.g. "VmRSS" in KB, "nonvoluntary_ctxt_switches"), or 0."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 class EmbeddedMissing(RuntimeError):
     """Embedded servers were needed but the 'embedded' extra is not installed."""
 
