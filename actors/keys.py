@@ -204,6 +204,31 @@ end
 return out
 """
 
+# The lease rules both claim scripts share (CLAIM_OR_FORWARD on one Redis, CLAIM on a cluster):
+# who holds the lease of KEYS[1], and whether `me` may take it. The script defines `me` (my
+# incarnation), `may` ("1"/"0") and `other_owner(owner)`: its answer for another instance named
+# by the lease, or nil when that instance is dead (the lease is taken over). Answers {5} (mine,
+# may not claim) or {4} (free, may not claim) itself; otherwise leaves `epoch` (the next one)
+# and `reason` (new|released|takeover|self).
+_LEASE_RULES = """
+local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
+local owner = lease[1]
+local epoch = tonumber(lease[2] or '0')
+local reason = 'new'
+if owner == me then
+  if may ~= '1' then return {5} end
+  reason = 'self'
+elseif owner == '' then
+  reason = 'released'
+elseif owner then
+  local answer = other_owner(owner)
+  if answer then return answer end
+  reason = 'takeover'
+end
+if may ~= '1' then return {4} end
+epoch = epoch + 1
+"""
+
 # --- claim or forward (activation and routing in one round trip) -------------------------------
 # KEYS[1] lease(sid), KEYS[2] my liveness key, KEYS[3] checkpoint(sid)
 # ARGV[1] my incarnation, ARGV[2] key prefix, ARGV[3] may_claim "1"/"0",
@@ -221,6 +246,7 @@ return out
 #   {5}          the lease names me and may_claim is "0"
 #   {-1}         my own liveness key is gone: I must not claim anything
 CLAIM_OR_FORWARD = """
+local me, may = ARGV[1], ARGV[3]
 local function forward(inc)
   local inbox, popped = ARGV[2] .. 'i:{' .. inc .. '}:inbox', ARGV[2] .. 'i:{' .. inc .. '}:popped'
   redis.call('RPUSH', inbox, ARGV[4])
@@ -228,30 +254,15 @@ local function forward(inc)
   redis.call('LTRIM', popped, 0, tonumber(ARGV[8]) - 1)
   redis.call('PEXPIRE', popped, ARGV[5])
 end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
-local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
-local owner = lease[1]
-local epoch = tonumber(lease[2] or '0')
-local reason = 'new'
-if owner and owner ~= '' then
-  if owner == ARGV[1] then
-    if ARGV[3] ~= '1' then return {5} end
-    reason = 'self'
-  else
-    local pttl = redis.call('PTTL', ARGV[2] .. 'i:{' .. owner .. '}:alive')
-    if pttl < 0 then
-      reason = 'takeover'
-    else
-      if ARGV[4] == '' then return {3, owner, pttl} end
-      forward(owner)
-      return {2, owner, pttl}
-    end
-  end
-elseif owner == '' then
-  reason = 'released'
+local function other_owner(owner)
+  local pttl = redis.call('PTTL', ARGV[2] .. 'i:{' .. owner .. '}:alive')
+  if pttl < 0 then return nil end
+  if ARGV[4] == '' then return {3, owner, pttl} end
+  forward(owner)
+  return {2, owner, pttl}
 end
-if ARGV[3] ~= '1' then return {4} end
-epoch = epoch + 1
+if redis.call('EXISTS', KEYS[2]) == 0 then return {-1} end
+""" + _LEASE_RULES + """
 if ARGV[7] ~= '' and ARGV[7] ~= ARGV[1] then
   local pttl = redis.call('PTTL', ARGV[2] .. 'i:{' .. ARGV[7] .. '}:alive')
   if pttl < 0 then return {4} end
@@ -477,24 +488,12 @@ return items
 # ARGV[4], {6, owner} another incarnation holds it (the caller asks its liveness key: FORWARD),
 # {4} nobody owns it and may_claim is "0", {5} the lease names me and may_claim is "0".
 CLAIM = """
-local lease = redis.call('HMGET', KEYS[1], 'o', 'e')
-local owner = lease[1]
-local epoch = tonumber(lease[2] or '0')
-local reason = 'new'
-if owner and owner ~= '' then
-  if owner == ARGV[1] then
-    if ARGV[2] ~= '1' then return {5} end
-    reason = 'self'
-  elseif owner == ARGV[5] then
-    reason = 'takeover'
-  else
-    return {6, owner}
-  end
-elseif owner == '' then
-  reason = 'released'
+local me, may = ARGV[1], ARGV[2]
+local function other_owner(owner)
+  if owner == ARGV[5] then return nil end
+  return {6, owner}
 end
-if ARGV[2] ~= '1' then return {4} end
-epoch = epoch + 1
+""" + _LEASE_RULES + """
 local new_owner = ARGV[1]
 if ARGV[4] ~= '' then new_owner = ARGV[4] end
 redis.call('HSET', KEYS[1], 'o', new_owner, 'e', epoch)
